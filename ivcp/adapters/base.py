@@ -1,0 +1,157 @@
+"""What the engine needs to know about a model family, and the registry of adapters.
+
+An adapter knows one family: where its decoder layers, attention projections and norms are, how
+its input ids mark images and video frames, and its rotary parameters. The engine never looks at
+a model except through an adapter; a method never looks at a model at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary parameters: θ_k = theta^(−2k/d), k = 0..d/2−1; ``mrope_section`` splits the d/2
+    frequencies between the t/h/w position streams (None for 1-D RoPE)."""
+
+    theta: float
+    head_dim: int
+    mrope_section: tuple[int, ...] | None = None
+
+    def inv_freq(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        k = torch.arange(0, self.head_dim, 2, dtype=dtype)
+        return 1.0 / (self.theta ** (k / self.head_dim))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One visual segment (an image, or one frame of a video): the half-open span ``[start, end)`` of
+    its tokens in the input sequence and its merged grid (``grid_h`` × ``grid_w`` tokens, row-major)."""
+
+    start: int
+    end: int
+    grid_h: int
+    grid_w: int
+    kind: str = "image"  # "image" or "video"
+    source: int = 0  # index of the image, or of the video, in the prompt
+    frame: int = 0  # temporal index inside a video (0 for images)
+
+    @property
+    def n(self) -> int:
+        return self.end - self.start
+
+    def indices(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.arange(self.start, self.end, device=device)
+
+
+class ModelAdapter:
+    """Base class: subclass per model family and register with :func:`register_adapter`."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- where things are -------------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives input_ids, the vision grids and the past cache."""
+        raise NotImplementedError
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder stack; its forward receives the position ids."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a decoder layer (with q_proj, k_proj, v_proj)."""
+        raise NotImplementedError
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    # --- shapes and rotary ------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_kv_heads(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def head_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def rope(self) -> RopeSpec:
+        raise NotImplementedError
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of rotary position ids: 3 for M-RoPE (t, h, w), 1 for 1-D RoPE."""
+        return 1 if self.rope.mrope_section is None else 3
+
+    def attention_scale(self, layer: nn.Module) -> float:
+        return float(getattr(self.attention(layer), "scaling", self.head_dim ** -0.5))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply the rotary embedding the decoder uses: x·cos + rotate_half(x)·sin.
+        ``x`` is (B, heads, T, d); ``cos``/``sin`` are (B, T, d)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+    # --- the prompt -------------------------------------------------------------------------
+    def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> list[Segment]:
+        """Visual segments of one row of ``input_ids`` (S,), in sequence order. ``position_ids``
+        (rows, S) are the rotary ids, for when the grids are not at hand."""
+        raise NotImplementedError
+
+    @property
+    def marker_token_ids(self) -> frozenset[int]:
+        """Tokens that belong to the vision markup (start/end markers, pads): never text queries."""
+        raise NotImplementedError
+
+    @property
+    def turn_end_token_ids(self) -> frozenset[int]:
+        """Tokens that close a chat turn (to skip the system prompt when text before an image is used)."""
+        return frozenset()
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make ``cls`` the adapter for its ``model_types``."""
+    for model_type in cls.model_types:
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def available_adapters() -> list[str]:
+    return sorted({cls.family for cls in _ADAPTERS.values()})
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The registered adapter for ``model`` (matched on ``model.config.model_type``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = _ADAPTERS.get(model_type)
+    if cls is None:
+        raise ValueError(
+            f"unsupported model: {type(model).__name__} (model_type={model_type!r}); ivcp has adapters for "
+            f"{', '.join(sorted(_ADAPTERS))}. Add one in ivcp/adapters/ (see README, 'Adding a model family')."
+        )
+    return cls(model)

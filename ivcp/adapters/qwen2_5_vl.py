@@ -1,0 +1,135 @@
+"""Qwen2.5-VL (transformers' ``Qwen2_5_VLForConditionalGeneration``).
+
+Layout: ``model.model`` is the multimodal model (vision tower ``visual`` + ``language_model``);
+decoder layers at ``model.model.language_model.layers``; each layer has ``self_attn`` (q/k/v/o
+projections with bias on q/k/v) and ``input_layernorm``. Visual tokens are runs of
+``image_token_id`` / ``video_token_id`` between ``vision_start`` / ``vision_end`` markers; an image of
+grid (t, h, w) patches gives t·h·w / merge² tokens in row-major order of the merged grid, a video
+gives its frames one after the other. Rotary: M-RoPE with ``mrope_section`` over the t/h/w streams.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, RopeSpec, Segment, register_adapter
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(ModelAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    @property
+    def _text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_heads(self) -> int:
+        return self._text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self._text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def rope(self) -> RopeSpec:
+        params = self._text_config.rope_parameters
+        section = params.get("mrope_section") or [16, 24, 24]
+        return RopeSpec(theta=float(params["rope_theta"]), head_dim=self.head_dim, mrope_section=tuple(section))
+
+    @property
+    def _merge(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    @property
+    def marker_token_ids(self) -> frozenset[int]:
+        cfg = self.model.config
+        ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+        return frozenset(i for i in ids if i is not None)
+
+    @property
+    def turn_end_token_ids(self) -> frozenset[int]:
+        # Qwen chat checkpoints use <|im_end|> as their eos token: it closes each chat turn.
+        eos = getattr(self.model.config, "eos_token_id", None) or getattr(self._text_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return frozenset(eos)
+
+    def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> list[Segment]:
+        cfg = self.model.config
+        segments: list[Segment] = []
+        for kind, token_id, grids in (("image", cfg.image_token_id, image_grid_thw),
+                                      ("video", cfg.video_token_id, video_grid_thw)):
+            positions = (input_ids == token_id).nonzero().flatten()
+            if not positions.numel():
+                continue
+            if grids is not None:
+                segments += self._segments_from_grids(kind, positions.tolist(), grids)
+            elif position_ids is not None and position_ids.shape[0] == 3:
+                segments += self._segments_from_positions(kind, positions, position_ids)
+            else:
+                raise ValueError(f"the prompt has {kind} tokens but neither {kind}_grid_thw nor M-RoPE position "
+                                 "ids to tell their grid")
+        return sorted(segments, key=lambda s: s.start)
+
+    def _segments_from_grids(self, kind: str, positions: list[int], grids: torch.Tensor) -> list[Segment]:
+        merge = self._merge
+        grid_list = [tuple(int(v) for v in g) for g in grids]
+        expected = sum(t * h * w // merge ** 2 for t, h, w in grid_list)
+        if len(positions) != expected:
+            raise ValueError(f"the prompt has {len(positions)} {kind} tokens but the {kind}_grid_thw describes "
+                             f"{expected}; pass the processor's input_ids together with its {kind}_grid_thw")
+        segments, cursor = [], 0
+        for source, (t, h, w) in enumerate(grid_list):
+            gh, gw = h // merge, w // merge
+            for frame in range(t):
+                span = positions[cursor: cursor + gh * gw]
+                cursor += gh * gw
+                if span[-1] - span[0] + 1 != len(span):
+                    raise ValueError(f"{kind} {source} frame {frame}: its tokens are not contiguous in input_ids")
+                segments.append(Segment(span[0], span[-1] + 1, gh, gw, kind, source, frame))
+        return segments
+
+    @staticmethod
+    def _segments_from_positions(kind: str, positions: torch.Tensor, position_ids: torch.Tensor) -> list[Segment]:
+        # Without the grids (transformers >= 5.23 encodes images before the prefill and drops them),
+        # read them off the M-RoPE ids: a run of visual tokens is one image or video; inside it the
+        # temporal id changes between frames, and the width id spans the merged grid's columns.
+        segments: list[Segment] = []
+        breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+        for source, run in enumerate(torch.tensor_split(positions, breaks.tolist())):
+            t_ids = position_ids[0, run]
+            frame_breaks = (t_ids[1:] != t_ids[:-1]).nonzero().flatten() + 1
+            for frame, span in enumerate(torch.tensor_split(run, frame_breaks.tolist())):
+                w_ids, h_ids = position_ids[2, span], position_ids[1, span]
+                gw = int(w_ids.max() - w_ids.min()) + 1
+                gh = int(h_ids.max() - h_ids.min()) + 1
+                if gh * gw != span.numel():
+                    raise ValueError(f"{kind} tokens at {int(span[0])}: position ids do not form a grid")
+                segments.append(Segment(int(span[0]), int(span[-1]) + 1, gh, gw, kind, source, frame))
+        return segments

@@ -1,0 +1,56 @@
+"""Model × method settings from ``configs/models/<family>.toml``.
+
+Lookup order for a method parameter: what the caller passed, then the model size's section, then
+the family's ``[defaults.<method>]``, then the method dataclass's own default.
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+def _configs_root() -> Path:
+    # Installed as the package `ivcp.configs` (pyproject maps the top-level configs/ onto it);
+    # fall back to the source tree when running from a checkout without installing.
+    try:
+        root = resources.files("ivcp.configs")
+        if root.joinpath("models").is_dir():
+            return Path(str(root))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+@functools.lru_cache(maxsize=None)
+def family_config(family: str) -> dict[str, Any]:
+    """The parsed TOML of one family ({} when the family has no file)."""
+    path = _configs_root() / "models" / f"{family}.toml"
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def model_size(family: str, num_hidden_layers: int, hidden_size: int) -> str | None:
+    """Name of the released size with this depth and width, if the family's config lists it."""
+    for name, size in family_config(family).get("sizes", {}).items():
+        if size.get("num_hidden_layers") == num_hidden_layers and size.get("hidden_size") == hidden_size:
+            return name
+    return None
+
+
+def method_defaults(family: str, method: str, num_hidden_layers: int, hidden_size: int) -> dict[str, Any]:
+    """Model-dependent defaults of ``method`` for this model (``selection_depth`` resolved)."""
+    config = family_config(family)
+    merged = dict(config.get("defaults", {}).get(method, {}))
+    size = model_size(family, num_hidden_layers, hidden_size)
+    if size is not None:
+        merged.update(config["sizes"][size].get(method, {}))
+    depth = merged.pop("selection_depth", None)
+    if depth is not None and "selection_layer" not in merged:
+        merged["selection_layer"] = min(max(int(round(depth * num_hidden_layers)), 1), num_hidden_layers - 1)
+    return merged

@@ -1,0 +1,487 @@
+"""The pruning engine: hooks on an unmodified Hugging Face model.
+
+``with ivcp.prune(model, "ivc_prune") as session:`` registers forward pre-hooks on the multimodal
+model, the decoder stack and every decoder layer; plain ``model(**inputs)`` and
+``model.generate(**inputs)`` then run pruned. Per prefill that holds visual tokens:
+
+1. the multimodal model's hook finds the visual segments (each image, each video frame);
+2. the decoder stack's hook records the rotary position ids of every token (original positions);
+3. before each selection layer K the method picks the visual tokens to keep from signals of layers
+   K−1 / K (value vectors, attention rows computed from q and the cached keys, never an attention
+   matrix); the engine slices the hidden states, rotary cos/sin and mask for layers ≥ K and, for
+   methods that ask for it, cuts the KV cache of layers < K to the same tokens;
+4. decoding continues at the positions the unpruned model would use.
+
+On exit all hooks are removed; the model's parameters and buffers are never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import config as _config
+from .adapters import ModelAdapter, Segment, adapter_for
+from .methods import PruningMethod, make_method
+
+_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+@dataclass
+class PrefillRecord:
+    """What the engine did in the last prefill (batch row 0)."""
+
+    segments: list[tuple[int, int]]
+    kept: torch.Tensor  # sorted input-sequence indices seen by layers ≥ the last selection layer
+    n_visual: int
+    n_visual_kept: int
+    kv_lengths: list[int]  # KV-cache length of every layer after prefill
+    seq_len: int
+    stages: list[dict[str, int]] = field(default_factory=list)  # per selection: layer, visual tokens kept
+    marks: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "ivc", "seed": input indices
+    visual_kv_per_layer: list[int] = field(default_factory=list)  # visual tokens in each layer's KV
+    selection_seconds: float = 0.0
+    method: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def visual_kv_share(self) -> float:
+        """Share of the visual KV entries kept, over all layers ("Average Tokens" in the paper)."""
+        if not self.n_visual or not self.visual_kv_per_layer:
+            return 1.0
+        return sum(self.visual_kv_per_layer) / (self.n_visual * len(self.visual_kv_per_layer))
+
+
+@dataclass
+class _CacheInfo:
+    """Kept with a pruned KV cache so decoding uses the unpruned model's positions."""
+
+    dropped_layer0: int
+    rope_delta: torch.Tensor  # (B, 1): position of token i is i + delta after the prompt
+    rows: int
+    n_layer0: int  # prompt tokens in layer 0's cache
+    # per layer: which of layer 0's prompt entries it holds (None: the same as layer 0). A decode
+    # mask is built for layer 0's cache; layers holding fewer tokens take these columns of it.
+    columns: list[torch.Tensor | None]
+
+    def layer_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
+        cols = self.columns[layer]
+        if cols is None:
+            return mask
+        return torch.cat([mask[..., cols.to(mask.device)], mask[..., self.n_layer0:]], dim=-1)
+
+
+class _PrefillState:
+    def __init__(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw):
+        self.input_ids = input_ids
+        self.grids = (image_grid_thw, video_grid_thw)
+        self.segments: list[Segment] = []
+        self.seq_len = input_ids.shape[1]
+        self.visual = torch.zeros(self.seq_len, dtype=torch.bool, device=input_ids.device)  # over the input
+        self.kept = torch.arange(self.seq_len, device=input_ids.device)
+        self.position_ids: torch.Tensor | None = None  # (rows, B, S)
+        self.originals: dict[str, Any] | None = None  # layer kwargs of the full sequence
+        self.layer_kwargs: dict[str, Any] | None = None  # the same, sliced to `kept`
+        self.layer_tokens: dict[int, torch.Tensor] = {}  # input indices each layer processed / caches
+        self.hidden_inputs: dict[int, torch.Tensor] = {}
+        self.cache = None
+        self.marks: dict[str, list[torch.Tensor]] = {}
+        self.stages: list[dict[str, int]] = []
+        self.selection_seconds = 0.0
+
+
+class SelectionContext:
+    """A method's view of the prompt at a selection layer K. All token indices are positions in the
+    input sequence ("global"); tensors keep the batch dimension first."""
+
+    def __init__(self, session: "PruneSession", state: _PrefillState, layer: int):
+        self._session, self._state, self.layer = session, state, layer
+        self.rope = session.adapter.rope
+
+    # --- the prompt ---------------------------------------------------------------------------
+    @property
+    def segments(self) -> list[Segment]:
+        return self._state.segments
+
+    @property
+    def device(self) -> torch.device:
+        return self._state.input_ids.device
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self._state.input_ids
+
+    @property
+    def last_token(self) -> int:
+        """Index of the last prompt token (the one that generates)."""
+        return self._state.seq_len - 1
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """Sorted indices of the tokens the layers before K processed."""
+        return self._state.kept
+
+    def visual_tokens(self, segment: Segment | None = None) -> torch.Tensor:
+        """Sorted indices of the visual tokens still present (of one segment, or of all)."""
+        alive = self._state.kept
+        mask = self._state.visual[alive]
+        if segment is not None:
+            mask &= (alive >= segment.start) & (alive < segment.end)
+        return alive[mask]
+
+    def positions(self, segment: Segment) -> torch.Tensor:
+        """Rotary position ids of a segment's tokens: (3, N) for M-RoPE, (N,) for 1-D RoPE."""
+        pos = self._state.position_ids[:, 0, segment.start: segment.end]
+        return pos[0] if pos.shape[0] == 1 else pos
+
+    def text_queries(self, segment: Segment) -> torch.Tensor:
+        """Text tokens that query a segment: those after it up to the end of the prompt (vision
+        markup and other visual tokens excluded); if none, those before it in the same chat turn."""
+        state, adapter = self._state, self._session.adapter
+        ids = state.input_ids[0]
+        index = torch.arange(state.seq_len, device=ids.device)
+        markers = torch.tensor(sorted(adapter.marker_token_ids), device=ids.device)
+        text = ~state.visual & ~torch.isin(ids, markers)
+        after = text & (index >= segment.end)
+        if after.any():
+            return index[after]
+        before = text & (index < segment.start)
+        ends = torch.tensor(sorted(adapter.turn_end_token_ids), device=ids.device)
+        turn_ends = index[torch.isin(ids, ends) & (index < segment.start)]
+        if turn_ends.numel():
+            before &= index > turn_ends.max()
+        if not before.any():
+            raise ValueError(f"no text tokens around the visual segment at {segment.start}:{segment.end} "
+                             "to use as queries")
+        return index[before]
+
+    def mark(self, name: str, tokens: torch.Tensor) -> None:
+        """Record named token sets (e.g. "ivc", "seed") in ``session.last.marks``."""
+        self._state.marks.setdefault(name, []).append(tokens.detach().to(torch.long).flatten())
+
+    # --- signals from the model -------------------------------------------------------------
+    def _local(self, tokens) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, device=self.device, dtype=torch.long).flatten()
+        pos = torch.searchsorted(self._state.kept, tokens)
+        if pos.numel() and (pos.max() >= self._state.kept.numel() or (self._state.kept[pos] != tokens).any()):
+            raise ValueError("asked for signals of tokens that were already pruned")
+        return pos
+
+    def _check_layer(self, layer: int) -> int:
+        if layer not in (self.layer - 1, self.layer):
+            raise ValueError(f"signals are available from layers {self.layer - 1} and {self.layer} only "
+                             f"(selection at layer {self.layer}), not {layer}")
+        return layer
+
+    def _projection(self, which: str, layer: int, tokens, norm: bool = True, rotary: bool = True) -> torch.Tensor:
+        """(B, heads, T, d) projection ``which`` ∈ {q, k, v} of layer ``layer``'s input at ``tokens``."""
+        adapter = self._session.adapter
+        module = adapter.layers[layer]
+        pos = self._local(tokens)
+        hidden = self._state.hidden_inputs[layer][:, pos]
+        if norm:
+            hidden = adapter.input_norm(module)(hidden)
+        proj = getattr(adapter.attention(module), f"{which}_proj")(hidden)
+        out = proj.view(hidden.shape[0], hidden.shape[1], -1, adapter.head_dim).transpose(1, 2)
+        if rotary and which != "v":
+            cos, sin = self._state.originals["position_embeddings"]
+            index = self._state.kept[pos]
+            out = adapter.rotate(out, cos[:, index].to(out.dtype), sin[:, index].to(out.dtype))
+        return out
+
+    def _cached(self, layer: int):
+        cache = self._state.cache
+        if cache is None or layer != self.layer - 1 or len(cache.layers) <= layer:
+            return None
+        return cache.layers[layer]
+
+    @torch.no_grad()
+    def values(self, tokens, layer: int | None = None) -> torch.Tensor:
+        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (B, kv_heads, T, d)."""
+        layer = self._check_layer(self.layer - 1 if layer is None else layer)
+        cached = self._cached(layer)
+        if cached is not None:
+            return cached.values[:, :, self._local(tokens)].float()
+        return self._projection("v", layer, tokens).float()
+
+    @torch.no_grad()
+    def keys(self, tokens, layer: int | None = None, norm: bool = True, rotary: bool = True) -> torch.Tensor:
+        """Key vectors of a layer's input (K−1 by default), float32, (B, kv_heads, T, d)."""
+        layer = self._check_layer(self.layer - 1 if layer is None else layer)
+        cached = self._cached(layer)
+        if cached is not None and norm and rotary:
+            return cached.keys[:, :, self._local(tokens)].float()
+        return self._projection("k", layer, tokens, norm=norm, rotary=rotary).float()
+
+    @torch.no_grad()
+    def queries(self, tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
+        """Query vectors of a layer's input (K−1 by default), float32, (B, heads, T, d)."""
+        layer = self._check_layer(self.layer - 1 if layer is None else layer)
+        return self._projection("q", layer, tokens, rotary=rotary).float()
+
+    @torch.no_grad()
+    def attention(self, query_tokens, key_tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
+        """Attention probabilities of ``query_tokens`` to ``key_tokens`` at a layer, (B, heads, Q, T).
+
+        Softmax runs over every present key the query sees (causal), as in the model; only the
+        requested columns are returned. Computed from q and the (cached) keys: O(Q·S) work.
+        """
+        layer = self.layer - 1 if layer is None else layer
+        q = self.queries(query_tokens, layer, rotary=rotary)
+        k = self.keys(self._state.kept, layer, rotary=rotary)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scale = self._session.adapter.attention_scale(self._session.adapter.layers[layer])
+        logits = (q @ k.transpose(-1, -2)) * scale  # (B, H, Q, S_alive)
+        query_index = self._state.kept[self._local(query_tokens)]
+        hidden = self._state.kept[None, :] > query_index[:, None]
+        probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)
+        return probs[..., self._local(key_tokens)]
+
+
+class PruneSession:
+    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill."""
+
+    def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter):
+        self.model, self.method, self.adapter = model, method, adapter
+        self.stage_layers = method.selection_layers()
+        self.last: PrefillRecord | None = None
+        self._state: _PrefillState | None = None
+        self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
+        self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
+        self._handles: list[Any] = []
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def attach(self) -> None:
+        a = self.adapter
+        self._handles.append(a.multimodal_model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._handles.append(a.multimodal_model.register_forward_hook(self._after_model, with_kwargs=True))
+        self._handles.append(a.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
+        for index, layer in enumerate(a.layers):
+            hook = lambda module, args, kwargs, index=index: self._on_layer(index, args, kwargs)  # noqa: E731
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._state = None
+
+    # --- hooks ------------------------------------------------------------------------------------
+    def _on_model(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        self._state, self._decoding = None, None
+        has_pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if input_ids is None:
+            if has_pixels:
+                raise ValueError("ivcp needs input_ids (not inputs_embeds) to find the image tokens")
+            return (args, kwargs) if self._continue(cache, past, kwargs) else None
+        if input_ids.shape[0] > 1:
+            raise ValueError(f"ivcp prunes batch size 1 only for now (got a batch of {input_ids.shape[0]}); "
+                             "run one sample at a time")
+        if past > 0:
+            if has_pixels or kwargs.get("mm_encoder_outputs"):
+                raise ValueError("ivcp prunes visual tokens in the first forward of a sequence only; this "
+                                 "forward brings images on top of an existing KV cache")
+            return (args, kwargs) if self._continue(cache, past, kwargs) else None
+        if cache is not None and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise ValueError(f"ivcp trims a DynamicCache; this cache ({type(cache).__name__}) has other layer types")
+        self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
+        return None
+
+    def _continue(self, cache, past: int, kwargs) -> bool:
+        """A forward on top of a pruned cache that brings no position ids gets the unpruned model's
+        (transformers would derive them from the shorter cache). True if ``kwargs`` changed."""
+        info = self._caches.get(cache) if cache is not None else None
+        self._decoding = info
+        if info is None or kwargs.get("position_ids") is not None:
+            return False
+        ref = kwargs.get("input_ids")
+        ref = ref if ref is not None else kwargs["inputs_embeds"]
+        batch, length = ref.shape[0], ref.shape[1]
+        start = past + info.dropped_layer0
+        pos = torch.arange(start, start + length, device=ref.device)[None, :] + info.rope_delta.to(ref.device)
+        kwargs["position_ids"] = pos[None].expand(info.rows, batch, length)
+        return True
+
+    def _on_text_model(self, module, args, kwargs):
+        state = self._state
+        if state is None:
+            return None
+        pos = kwargs.get("position_ids")
+        rows = self.adapter.position_rows
+        if pos is None:
+            pos = torch.arange(state.seq_len, device=state.input_ids.device)[None, None].expand(rows, 1, -1)
+        elif pos.dim() == 2:
+            pos = pos[None].expand(rows, -1, -1)
+        elif pos.shape[0] == rows + 1:  # text row first, then the rotary rows
+            pos = pos[1:]
+        state.position_ids = pos
+        state.segments = self.adapter.segments(state.input_ids[0], state.grids[0], state.grids[1], pos[:, 0])
+        if not state.segments:  # text only: runs unpruned
+            n = state.seq_len
+            self.last = PrefillRecord([], torch.arange(n), 0, 0, [n] * len(self.adapter.layers), n,
+                                      method=self.method.describe())
+            self._state = None
+            return None
+        for seg in state.segments:
+            state.visual[seg.start: seg.end] = True
+        return None
+
+    def _on_layer(self, index: int, args, kwargs):
+        state = self._state
+        if state is None:
+            mask = kwargs.get("attention_mask")
+            if self._decoding is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                kwargs["attention_mask"] = self._decoding.layer_mask(index, mask)
+                return args, kwargs
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if state.originals is None:
+            if kwargs.get("position_embeddings") is None:
+                raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
+            state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
+            state.cache = kwargs.get("past_key_values")
+        if index in self.stage_layers:
+            hidden = self._select(index, hidden)
+        if index + 1 in self.stage_layers:
+            state.hidden_inputs[index] = hidden
+        state.layer_tokens[index] = state.kept
+        if state.layer_kwargs is not None:
+            kwargs.update(state.layer_kwargs)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    @torch.no_grad()
+    def _select(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        state = self._state
+        state.hidden_inputs[layer] = hidden
+        started = time.perf_counter()
+        chosen = self.method.select(SelectionContext(self, state, layer))
+        chosen = torch.as_tensor(chosen, dtype=torch.long, device=state.kept.device).flatten()
+        alive_visual = state.kept[state.visual[state.kept]]
+        if chosen.numel() != torch.unique(chosen).numel() or not torch.isin(chosen, alive_visual).all():
+            raise ValueError(f"{self.method.name} returned token indices that are not distinct present visual tokens")
+        keep = ~state.visual[state.kept]  # text and markup always stay
+        keep[-1] = True  # the token that generates
+        keep |= torch.isin(state.kept, chosen)
+        new_kept = state.kept[keep]
+        local = keep.nonzero().flatten()
+        if self.method.trims_earlier_layers and state.cache is not None:
+            for earlier in range(layer):
+                tokens = state.layer_tokens[earlier]
+                if tokens.numel() == new_kept.numel():
+                    continue
+                idx = torch.searchsorted(tokens, new_kept)
+                cached = state.cache.layers[earlier]
+                cached.keys = cached.keys[:, :, idx]
+                cached.values = cached.values[:, :, idx]
+                state.layer_tokens[earlier] = new_kept
+        elif self.method.trims_earlier_layers:
+            for earlier in range(layer):
+                state.layer_tokens[earlier] = new_kept
+        state.kept = new_kept
+        state.layer_kwargs = self._sliced(state, new_kept)
+        state.stages.append({"layer": layer, "n_visual_kept": int(state.visual[new_kept].sum())})
+        state.selection_seconds += time.perf_counter() - started
+        state.hidden_inputs.pop(layer - 1, None)
+        state.hidden_inputs.pop(layer, None)
+        return hidden[:, local]
+
+    @staticmethod
+    def _sliced(state: _PrefillState, kept: torch.Tensor) -> dict[str, Any]:
+        original = state.originals
+        cos, sin = original["position_embeddings"]
+        mask = original["attention_mask"]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+                raise ValueError(f"ivcp cannot slice an attention mask of type {type(mask).__name__}; "
+                                 "use attn_implementation 'sdpa', 'eager' or 'flash_attention_2'")
+            if mask.shape[-1] != state.seq_len or mask.shape[-2] != state.seq_len:
+                raise ValueError(f"unexpected attention mask shape {tuple(mask.shape)} for a prompt of "
+                                 f"{state.seq_len} tokens")
+            mask = mask[:, :, kept][:, :, :, kept]
+        # position_ids only tell flash-attention where packed sequences start: the kept tokens are
+        # one sequence, so none are passed (sliced ids would look like many packed sequences).
+        return {"attention_mask": mask, "position_embeddings": (cos[:, kept], sin[:, kept]), "position_ids": None}
+
+    def _after_model(self, module, args, kwargs, output):
+        state, self._state, self._decoding = self._state, None, None
+        if state is None:
+            return None
+        n_layers = len(self.adapter.layers)
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and len(cache.layers) == n_layers:
+            kv_lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
+        else:
+            kv_lengths = [int(state.layer_tokens[i].numel()) for i in range(n_layers)]
+        visual_per_layer = [int(state.visual[state.layer_tokens[i]].sum()) for i in range(n_layers)]
+        marks = {name: torch.unique(torch.cat(parts)).cpu() for name, parts in state.marks.items()}
+        self.last = PrefillRecord(
+            segments=[(s.start, s.end) for s in state.segments],
+            kept=state.kept.cpu(),
+            n_visual=int(state.visual.sum()),
+            n_visual_kept=int(state.visual[state.kept].sum()),
+            kv_lengths=kv_lengths,
+            seq_len=state.seq_len,
+            stages=state.stages,
+            marks=marks,
+            visual_kv_per_layer=visual_per_layer,
+            selection_seconds=state.selection_seconds,
+            method=self.method.describe(),
+        )
+        if cache is not None and any(length != state.seq_len for length in kv_lengths):
+            pos = state.position_ids
+            delta = pos.amax(dim=(0, 2)).view(-1, 1) + 1 - state.seq_len
+            first = state.layer_tokens[0]
+            columns = [None if tokens.numel() == first.numel() else torch.searchsorted(first, tokens)
+                       for tokens in (state.layer_tokens[i] for i in range(n_layers))]
+            self._caches[cache] = _CacheInfo(state.seq_len - kv_lengths[0], delta, pos.shape[0], first.numel(),
+                                             columns)
+        return None
+
+
+def resolve_method(model: nn.Module, method: str | PruningMethod, **params: Any) -> PruningMethod:
+    """The method object ``prune`` would use on ``model``: defaults from configs/, then validated."""
+    adapter = adapter_for(model)
+    method_obj = make_method(method, **params)
+    text_config = getattr(model.config, "text_config", model.config)
+    defaults = _config.method_defaults(adapter.family, method_obj.name, text_config.num_hidden_layers,
+                                       text_config.hidden_size)
+    method_obj = method_obj.with_defaults(defaults)
+    method_obj.validate(len(adapter.layers))
+    return method_obj
+
+
+@contextlib.contextmanager
+def prune(model: nn.Module, method: str | PruningMethod, **params: Any) -> Iterator[PruneSession]:
+    """Run ``model`` pruned by ``method`` inside the block; yields a :class:`PruneSession`.
+
+    ``method`` is a registered name (``ivcp.available_methods()``) with ``params``, or a method
+    object. Bad configuration raises ValueError before anything runs. Batch size 1.
+    """
+    method_obj = resolve_method(model, method, **params)
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"ivcp supports the sdpa, eager and flash-attention implementations, not {attn!r}")
+    if model in _ACTIVE:
+        raise ValueError("this model is already inside an ivcp.prune block")
+    session = PruneSession(model, method_obj, adapter_for(model))
+    session.attach()
+    _ACTIVE.add(model)
+    try:
+        yield session
+    finally:
+        session.detach()
+        _ACTIVE.discard(model)
+

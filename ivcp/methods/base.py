@@ -1,0 +1,88 @@
+"""The base class every pruning method derives from.
+
+A method is a dataclass of its parameters plus one selection function. It sees the prompt only
+through a :class:`~ivcp.engine.SelectionContext` (segments, positions, value vectors, attention rows)
+and returns which visual tokens to keep; the engine does everything else (hooks, slicing, cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapters.base import Segment
+    from ..engine import SelectionContext
+
+
+@dataclass
+class PruningMethod:
+    """Base of all methods.
+
+    Class attributes a method sets:
+    - ``name``: registry name.
+    - ``trims_earlier_layers``: True → after selection at layer K, the KV cache of layers < K is cut
+      to the kept set too (IVC-Prune); False → layers < K keep their full cache (FastV-style).
+
+    Fields left ``None`` are filled from ``configs/`` for the model at hand (see :mod:`ivcp.config`).
+    """
+
+    name: ClassVar[str] = ""
+    trims_earlier_layers: ClassVar[bool] = False
+
+    selection_layer: int | None = None
+
+    # --- schedule ---------------------------------------------------------------------------
+    def selection_layers(self) -> list[int]:
+        """Layers K (0-based) before which a selection runs, ascending."""
+        return [self.selection_layer]
+
+    # --- selection --------------------------------------------------------------------------
+    def select(self, ctx: "SelectionContext") -> torch.Tensor:
+        """Global input-sequence indices of the visual tokens to keep (any order).
+
+        The default runs :meth:`select_segment` on every segment (each image / video frame gets its
+        own budget)."""
+        kept = [seg.start + self.select_segment(ctx, seg) for seg in ctx.segments]
+        return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long)
+
+    def select_segment(self, ctx: "SelectionContext", segment: "Segment") -> torch.Tensor:
+        """Local indices (0..N−1) of the tokens of ``segment`` to keep."""
+        raise NotImplementedError(f"{type(self).__name__} must implement select or select_segment")
+
+    # --- parameters -------------------------------------------------------------------------
+    def with_defaults(self, defaults: dict) -> "PruningMethod":
+        """A copy whose ``None`` fields take values from ``defaults`` (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        filled = {k: v for k, v in defaults.items() if k in names and getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def validate(self, num_layers: int) -> None:
+        """Raise ValueError naming the first bad parameter (called before any compute)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                raise ValueError(f"{self.name}: parameter {f.name} has no value and no default for this model; "
+                                 f"pass {f.name}=...")
+            if f.name.endswith("_ratio") and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{self.name}: {f.name} must be in [0, 1], got {value!r}")
+        for layer in self.selection_layers():
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise ValueError(f"{self.name}: selection layer must be an int, got {layer!r}")
+            if not 1 <= layer < num_layers:
+                raise ValueError(f"{self.name}: selection layer {layer} is out of range for a model with "
+                                 f"{num_layers} layers (it must be in [1, {num_layers - 1}])")
+        layers = self.selection_layers()
+        if layers != sorted(set(layers)):
+            raise ValueError(f"{self.name}: selection layers must be strictly increasing, got {layers}")
+
+    def describe(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def check_choice(method: str, name: str, value: object, choices: tuple) -> None:
+    if value is not None and value not in choices:
+        raise ValueError(f"{method}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

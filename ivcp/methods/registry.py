@@ -1,0 +1,49 @@
+"""The one registry of pruning methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import PruningMethod
+
+_METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: register a :class:`PruningMethod` subclass under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[PruningMethod]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
+
+
+def make_method(method: str | PruningMethod, **params: Any) -> PruningMethod:
+    """A method object from a registered name (with parameters) or an existing object."""
+    if isinstance(method, PruningMethod):
+        if params:
+            import dataclasses
+            return dataclasses.replace(method, **params)
+        return method
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a registered name or a PruningMethod, got {type(method).__name__}")
+    cls = method_class(method)
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; it takes {', '.join(sorted(known))}")
+    return cls(**params)

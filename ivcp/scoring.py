@@ -1,0 +1,109 @@
+"""Scores and selection rules shared by methods (pure tensor functions, no model).
+
+Conventions: counts round with Python's ``round`` (half to even), rankings are descending with ties
+broken by the lower index.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .adapters.base import RopeSpec
+
+IVC_MODES = ("reference", "sectioned")
+
+
+def count(ratio: float, n: int) -> int:
+    """round(ratio · n), Python's round."""
+    return int(round(ratio * n))
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, best first; equal scores rank by lower index."""
+    k = max(0, min(int(k), scores.numel()))
+    order = torch.sort(scores.flatten(), descending=True, stable=True).indices
+    return order[:k]
+
+
+def ivc_scores(positions: torch.Tensor, rope: RopeSpec, mode: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """IVC scores of tokens at integer rotary ``positions`` (eq. 7, 8), in float64.
+
+    V(m) = Σ cos(p(m)·θ_k), U(m) = Σ sin(p(m)·θ_k), θ_k = theta^(−2k/d).
+    ``positions`` is (N,) for 1-D RoPE or (3, N) for M-RoPE (t, h, w streams). M-RoPE modes:
+    ``reference`` sums every frequency over all three streams (the authors' code);
+    ``sectioned`` lets stream a rotate only its ``mrope_section`` frequencies (the model's rotation).
+    Returns (V, U), each (N,).
+    """
+    if mode not in IVC_MODES:
+        raise ValueError(f"ivc_mode must be one of {IVC_MODES}, got {mode!r}")
+    key = (tuple(positions.shape), positions.detach().to("cpu", torch.int64).numpy().tobytes(), rope, mode)
+    v, u = _ivc_scores_cached(*key)
+    return v.to(positions.device), u.to(positions.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _ivc_scores_cached(shape: tuple[int, ...], data: bytes, rope: RopeSpec, mode: str):
+    # Scores depend only on positions and rope parameters: cached per distinct (positions, rope, mode).
+    positions = torch.frombuffer(bytearray(data), dtype=torch.int64).view(shape).to(torch.float64)
+    inv_freq = rope.inv_freq(torch.float64)  # (d/2,)
+    if positions.dim() == 1:
+        angles = positions[:, None] * inv_freq  # (N, d/2)
+        return angles.cos().sum(-1), angles.sin().sum(-1)
+    if positions.shape[0] != 3 or rope.mrope_section is None:
+        raise ValueError("M-RoPE scores need (3, N) positions and a rope with mrope_section")
+    angles = positions[:, :, None] * inv_freq  # (3, N, d/2)
+    if mode == "reference":
+        return angles.cos().sum((0, 2)), angles.sin().sum((0, 2))
+    stream = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(rope.mrope_section)])  # frequency → stream
+    if stream.numel() != inv_freq.numel():
+        raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim/2 = {inv_freq.numel()}")
+    chosen = angles[stream, :, torch.arange(inv_freq.numel())]  # (d/2, N): frequency k under its own stream
+    return chosen.cos().sum(0), chosen.sin().sum(0)
+
+
+def ivc_token_set(v: torch.Tensor, u: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Union of the top round(ratio·N) tokens by V and the top round(ratio·N) by U, sorted."""
+    k = count(ratio, v.numel())
+    return torch.unique(torch.cat([top_k(v, k), top_k(u, k)]))
+
+
+def value_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """softmax over the N keys of (q · kᵀ / √d) per head, averaged over heads (float32).
+
+    ``queries`` (H, Q, d), ``keys`` (H, N, d) → (Q, N).
+    """
+    q, k = queries.float(), keys.float()
+    logits = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+    return logits.softmax(-1).mean(0)
+
+
+def foreground_scores(text_values: torch.Tensor, image_values: torch.Tensor, seed_ratio: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-stage foreground from value vectors (eq. 9, 10).
+
+    Stage 1: s = mean over text rows of value_attention(V_text, V_img); seeds = top max(1, round(seed_ratio·N)).
+    Stage 2: f = mean over text rows and seed rows (V_img[seeds] as queries) of value_attention.
+    ``text_values`` (H, L, d), ``image_values`` (H, N, d). Returns (s, seeds, f).
+    """
+    n = image_values.shape[1]
+    text_rows = value_attention(text_values, image_values)  # (L, N)
+    s = text_rows.mean(0)
+    seeds = top_k(s, max(1, count(seed_ratio, n)))
+    seed_rows = value_attention(image_values[:, seeds], image_values)  # (n_seed, N)
+    f = torch.cat([text_rows, seed_rows]).mean(0)
+    return s, seeds, f
+
+
+def fill_to_budget(initial: torch.Tensor, scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Start from ``initial``; add tokens in descending ``scores`` (skipping those present) until there
+    are ``budget`` tokens. If ``initial`` alone is larger, it is returned whole. Sorted result."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[initial] = True
+    missing = budget - int(keep.sum())
+    if missing > 0:
+        order = top_k(scores, scores.numel())
+        candidates = order[~keep[order]]
+        keep[candidates[:missing]] = True
+    return keep.nonzero().flatten()

@@ -1,0 +1,303 @@
+"""Tiny, deterministic, offline Qwen-VL models for tests, demos and benchmarks.
+
+Nothing here touches the hub: the tokenizer is a byte-level tokenizer built in memory (one token per
+UTF-8 byte plus Qwen's special tokens), the image processor is transformers'
+``Qwen2VLImageProcessorPil`` (no torchvision), and the weights are drawn from a seeded generator.
+The architecture is the real one (vision tower, 2x2 merger, M-RoPE decoder), only small.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen's chat layout (system turn by default, images and videos wrapped in vision markers), written
+# for the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Smallest sizes that keep every mechanism of the real models (GQA, M-RoPE sections, window
+# attention in the 2.5 vision tower, the 2x2 merge).
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+)
+_VISION_25 = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
+)
+_VISION_2 = dict(
+    depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer: 256 byte tokens, then Qwen's special tokens (ids 256..263)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel's alphabet is unordered; order it by the byte each character stands for.
+    order = sorted(byte_chars, key=_byte_of_char)
+    vocab = {ch: i for i, ch in enumerate(order)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _byte_of_char(ch: str) -> int:
+    # Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256+i.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    code = ord(ch)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def tiny_processor(family: str = "qwen2_5_vl", min_pixels: int = 4 * 28 * 28,
+                   max_pixels: int = 256 * 28 * 28) -> "TinyProcessor":
+    """Processor for the tiny models: ``Qwen2VLImageProcessorPil`` + the byte tokenizer."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    _check_family(family)
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=14, temporal_patch_size=2, merge_size=2,
+    )
+    return TinyProcessor(image_processor, tiny_tokenizer())
+
+
+class TinyProcessor:
+    """The part of Qwen's processor the tiny models need, without its torchvision-bound video half.
+
+    ``processor(text=..., images=...)`` expands each ``<|image_pad|>`` to the image's merged token
+    count, like ``Qwen2_5_VLProcessor``, and returns the same fields.
+    """
+
+    image_token = "<|image_pad|>"
+    video_token = "<|video_pad|>"
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        if tokenize:
+            raise ValueError("TinyProcessor.apply_chat_template only renders text; call the processor on it")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **kwargs)
+
+    def __call__(self, text, images=None, return_tensors: str = "pt", **kwargs) -> dict:
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            data.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+            grids = iter(vision["image_grid_thw"].tolist())
+            merge = self.image_processor.merge_size ** 2
+            texts = [re.sub(re.escape(self.image_token),
+                            lambda _: "<|placeholder|>" * (math.prod(next(grids)) // merge), t) for t in texts]
+            texts = [t.replace("<|placeholder|>", self.image_token) for t in texts]
+        ids = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
+        data["input_ids"], data["attention_mask"] = ids["input_ids"], ids["attention_mask"]
+        data["mm_token_type_ids"] = _mm_token_types(ids["input_ids"], self.tokenizer)
+        return data
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def tiny_config(family: str = "qwen2_5_vl", **overrides: Any):
+    """The tiny architecture's config; ``overrides`` go to the text config (e.g. num_hidden_layers)."""
+    _check_family(family)
+    tokenizer = tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(_TEXT, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], **overrides)
+    attn = text.pop("attn_implementation", "sdpa")
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        vision = dict(_VISION_25, out_hidden_size=text["hidden_size"])
+    else:
+        from transformers import Qwen2VLConfig as Config
+        vision = dict(_VISION_2, hidden_size=text["hidden_size"])
+    config = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    return config
+
+
+def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """Build a tiny random Qwen2.5-VL / Qwen2-VL and its processor, deterministically from ``seed``.
+
+    ``overrides`` change the text config (``num_hidden_layers=8``, ``attn_implementation="eager"``…).
+    Returns ``(model, processor)``; the model is in eval mode.
+    """
+    config = tiny_config(family, **overrides)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen2VLForConditionalGeneration as Model
+    with _seeded(seed):
+        model = Model(config)
+        # Random init is too tame to tell tokens apart; widen it so that pruning visibly matters.
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                torch.nn.init.normal_(param, std=1.0 / math.sqrt(param.shape[-1]))
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    # A random model would happily emit vision markup; a real one never does. Keep the tiny one honest.
+    model.generation_config.suppress_tokens = [config.vision_start_token_id, config.vision_end_token_id,
+                                               config.image_token_id, config.video_token_id]
+    return model, tiny_processor(family)
+
+
+class _seeded:
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated inputs
+
+
+def make_image(width: int = 224, height: int = 168, seed: int = 0):
+    """A deterministic RGB test picture: a colour gradient with a few filled shapes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                     np.full_like(x, int(rng.integers(0, 256)))], axis=-1).astype(np.uint8)
+    image = Image.fromarray(base, "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+        x1, y1 = x0 + int(rng.integers(width // 8, width // 3)), y0 + int(rng.integers(height // 8, height // 3))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if rng.random() < 0.5:
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        else:
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+    return image
+
+
+def make_inputs(processor, prompt: str = "Describe the picture.", images=None, video_frames: int = 0,
+                video_size: tuple[int, int] = (112, 84)) -> dict:
+    """Chat-formatted model inputs for ``images`` (PIL images, in order) and/or one video.
+
+    The video path needs no video processor: ``video_frames`` frames (a multiple of the temporal
+    patch size, 2) of ``video_size`` are patchified as Qwen's video tower expects.
+    """
+    images = list(images or [])
+    content: list[dict] = [{"type": "image"} for _ in images]
+    if video_frames:
+        content.append({"type": "video"})
+    content.append({"type": "text", "text": prompt})
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    video: dict = {}
+    if video_frames:
+        if video_frames % 2:
+            raise ValueError("video_frames must be a multiple of the temporal patch size (2)")
+        frames = [make_image(*video_size, seed=100 + i) for i in range(video_frames)]
+        pixel_values, grid = _patchify_video(processor.image_processor, frames)
+        video = dict(pixel_values_videos=pixel_values, video_grid_thw=grid)
+        merge = processor.image_processor.merge_size ** 2
+        text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
+    data = processor(text=text, images=images or None)
+    data.update(video)
+    return data
+
+
+def _mm_token_types(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == image_id] = 1
+    types[input_ids == video_id] = 2
+    return types
+
+
+def _patchify_video(image_processor, frames) -> tuple[torch.Tensor, torch.Tensor]:
+    per_frame = image_processor(images=frames, return_tensors="pt")
+    grids = per_frame["image_grid_thw"]
+    if not bool((grids == grids[0]).all()):
+        raise ValueError("all video frames must have the same size")
+    t_patch = image_processor.temporal_patch_size
+    _, h, w = (int(v) for v in grids[0])
+    # Each frame was repeated temporal_patch_size times by the image processor; keep one copy of each
+    # frame and pair consecutive frames into one temporal patch instead.
+    channels, patch = 3, image_processor.patch_size
+    x = per_frame["pixel_values"].view(len(frames), h * w, channels, t_patch, patch, patch)[:, :, :, 0]
+    x = x.view(len(frames) // t_patch, t_patch, h * w, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
+    x = x.reshape(len(frames) // t_patch * h * w, channels * t_patch * patch * patch)
+    return x.contiguous(), torch.tensor([[len(frames) // t_patch, h, w]])

@@ -1,0 +1,33 @@
+import functools
+
+import pytest
+import torch
+
+from ivcp.testing import make_image, make_inputs, tiny_model
+
+torch.set_num_threads(2)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str, layers: int = 4):
+    return tiny_model(family, attn_implementation=attn, num_hidden_layers=layers)
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model_and_processor(family):
+    return _model(family, "sdpa")
+
+
+def get_model(family: str, attn: str = "sdpa", layers: int = 4):
+    return _model(family, attn, layers)
+
+
+@pytest.fixture
+def one_image_inputs(model_and_processor):
+    _, processor = model_and_processor
+    return make_inputs(processor, "Where is the red square? Answer briefly.", images=[make_image()])
