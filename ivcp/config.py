@@ -7,7 +7,10 @@ the family's ``[defaults.<method>]``, then the method dataclass's own default.
 from __future__ import annotations
 
 import functools
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any

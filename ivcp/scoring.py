@@ -55,7 +55,10 @@ def _ivc_scores_cached(shape: tuple[int, ...], data: bytes, rope: RopeSpec, mode
         raise ValueError("M-RoPE scores need (3, N) positions and a rope with mrope_section")
     angles = positions[:, :, None] * inv_freq  # (3, N, d/2)
     if mode == "reference":
-        return angles.cos().sum((0, 2)), angles.sin().sum((0, 2))
+        # Σ over streams of the per-stream sums; sorted first, so tokens whose (t, h, w) are a
+        # permutation of each other tie exactly (float addition is not associative).
+        per_stream_v, per_stream_u = angles.cos().sum(2), angles.sin().sum(2)  # (3, N)
+        return per_stream_v.sort(0).values.sum(0), per_stream_u.sort(0).values.sum(0)
     stream = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(rope.mrope_section)])  # frequency → stream
     if stream.numel() != inv_freq.numel():
         raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim/2 = {inv_freq.numel()}")

@@ -203,9 +203,10 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
-    # A random model would happily emit vision markup; a real one never does. Keep the tiny one honest.
-    model.generation_config.suppress_tokens = [config.vision_start_token_id, config.vision_end_token_id,
-                                               config.image_token_id, config.video_token_id]
+    # A random model would emit vision markup and stray bytes; a real one does not. Let the tiny one
+    # generate printable ASCII (byte token id = byte value) and <|im_end|> only.
+    allowed = set(range(32, 127)) | {config.text_config.eos_token_id}
+    model.generation_config.suppress_tokens = [i for i in range(config.text_config.vocab_size) if i not in allowed]
     return model, tiny_processor(family)
 
 
