@@ -16,26 +16,26 @@ from pathlib import Path
 from typing import Any
 
 
-def _configs_root() -> Path:
-    # Installed as the package `ivcp.configs` (pyproject maps the top-level configs/ onto it);
-    # fall back to the source tree when running from a checkout without installing.
+def _config_file(family: str):
+    """configs/models/<family>.toml: installed as the package data `ivcp.configs` (pyproject maps the
+    top-level configs/ onto it), or read from the source tree when running from a checkout."""
+    name = f"{family}.toml"
     try:
-        root = resources.files("ivcp.configs")
-        if root.joinpath("models").is_dir():
-            return Path(str(root))
+        installed = resources.files("ivcp.configs").joinpath("models").joinpath(name)
+        if installed.is_file():
+            return installed
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parent.parent / "configs" / "models" / name
 
 
 @functools.lru_cache(maxsize=None)
 def family_config(family: str) -> dict[str, Any]:
     """The parsed TOML of one family ({} when the family has no file)."""
-    path = _configs_root() / "models" / f"{family}.toml"
+    path = _config_file(family)
     if not path.is_file():
         return {}
-    with open(path, "rb") as handle:
-        return tomllib.load(handle)
+    return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
 def model_size(family: str, num_hidden_layers: int, hidden_size: int) -> str | None:
