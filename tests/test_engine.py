@@ -13,8 +13,10 @@ from oracle import oracle_logits
 ATTN = ["sdpa", "eager"]
 
 
-def _generate(model, inputs, steps=6):
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+def _generate(model, inputs, steps=6, sample=False):
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=sample,
+                         top_k=0 if sample else None, top_p=1.0 if sample else None, temperature=1.0 if sample else None,
                          output_logits=True, return_dict_in_generate=True)
     generated = out.sequences[0, inputs["input_ids"].shape[1]:]
     return generated, torch.stack(out.logits, dim=1)[0]
@@ -55,6 +57,15 @@ def test_pruned_decoding_matches_masked_oracle(family, attn, method, params):
     # the pruned run really differs from the unpruned one (the oracle is not trivially equal)
     bare = oracle_logits(model, inputs, generated, torch.arange(inputs["input_ids"].shape[1]), [1], False)
     assert (bare - logits).abs().max() > 1e-3
+
+
+def test_sampling_decode_matches_masked_oracle(family):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Tell a story about it.", images=[make_image(seed=7)])
+    with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.3) as session:
+        generated, logits = _generate(model, inputs, steps=8, sample=True)
+    expected = oracle_logits(model, inputs, generated, session.last.kept, [session.method.selection_layer], True)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
 def test_manual_decode_without_position_ids_uses_unpruned_positions(family):
