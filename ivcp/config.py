@@ -53,7 +53,12 @@ def method_defaults(family: str, method: str, num_hidden_layers: int, hidden_siz
     size = model_size(family, num_hidden_layers, hidden_size)
     if size is not None:
         merged.update(config["sizes"][size].get(method, {}))
-    depth = merged.pop("selection_depth", None)
-    if depth is not None and "selection_layer" not in merged:
-        merged["selection_layer"] = min(max(int(round(depth * num_hidden_layers)), 1), num_hidden_layers - 1)
-    return merged
+    # `<name>_depth` (a fraction of the depth) becomes `<name>_layer`, `<name>_depths` → `<name>_layers`
+    for key in [k for k in merged if k.endswith(("_depth", "_depths"))]:
+        fraction = merged.pop(key)
+        target = key.replace("_depths", "_layers").replace("_depth", "_layer")
+        if target in merged:
+            continue
+        to_layer = lambda f: min(max(int(round(f * num_hidden_layers)), 1), num_hidden_layers - 1)  # noqa: E731
+        merged[target] = tuple(to_layer(f) for f in fraction) if isinstance(fraction, list) else to_layer(fraction)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}

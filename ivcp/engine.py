@@ -90,6 +90,9 @@ class _PrefillState:
         self.layer_kwargs: dict[str, Any] | None = None  # the same, sliced to `kept`
         self.layer_tokens: dict[int, torch.Tensor] = {}  # input indices each layer processed / caches
         self.hidden_inputs: dict[int, torch.Tensor] = {}
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current tokens
+        self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use
+        self.hidden_updates: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache = None
         self.marks: dict[str, list[torch.Tensor]] = {}
         self.stages: list[dict[str, int]] = []
@@ -102,6 +105,7 @@ class SelectionContext:
 
     def __init__(self, session: "PruneSession", state: _PrefillState, layer: int):
         self._session, self._state, self.layer = session, state, layer
+        self.stage = session.stage_layers.index(layer)  # 0 for the first selection, 1 for the next…
         self.rope = session.adapter.rope
 
     # --- the prompt ---------------------------------------------------------------------------
@@ -161,6 +165,11 @@ class SelectionContext:
                              "to use as queries")
         return index[before]
 
+    def update_hidden(self, tokens, values: torch.Tensor) -> None:
+        """Replace the hidden states of ``tokens`` (kept ones) before layer K, e.g. to merge dropped
+        tokens into them. ``values`` is (B, T, hidden)."""
+        self._state.hidden_updates.append((self._local(tokens), values))
+
     def mark(self, name: str, tokens: torch.Tensor) -> None:
         """Record named token sets (e.g. "ivc", "seed") in ``session.last.marks``."""
         self._state.marks.setdefault(name, []).append(tokens.detach().to(torch.long).flatten())
@@ -174,7 +183,7 @@ class SelectionContext:
         return pos
 
     def _check_layer(self, layer: int) -> int:
-        if layer not in (self.layer - 1, self.layer):
+        if layer not in (self.layer - 1, self.layer) or layer < 0:
             raise ValueError(f"signals are available from layers {self.layer - 1} and {self.layer} only "
                              f"(selection at layer {self.layer}), not {layer}")
         return layer
@@ -190,9 +199,8 @@ class SelectionContext:
         proj = getattr(adapter.attention(module), f"{which}_proj")(hidden)
         out = proj.view(hidden.shape[0], hidden.shape[1], -1, adapter.head_dim).transpose(1, 2)
         if rotary and which != "v":
-            cos, sin = self._state.originals["position_embeddings"]
-            index = self._state.kept[pos]
-            out = adapter.rotate(out, cos[:, index].to(out.dtype), sin[:, index].to(out.dtype))
+            cos, sin = self._state.rotary
+            out = adapter.rotate(out, cos[:, pos].to(out.dtype), sin[:, pos].to(out.dtype))
         return out
 
     def _cached(self, layer: int):
@@ -200,6 +208,18 @@ class SelectionContext:
         if cache is None or layer != self.layer - 1 or len(cache.layers) <= layer:
             return None
         return cache.layers[layer]
+
+    @torch.no_grad()
+    def hidden_states(self, tokens) -> torch.Tensor:
+        """Input hidden states of layer K at ``tokens``, (B, T, hidden), in the model's dtype. At K = 0
+        these are the input embeddings: the vision tower's merged features for visual tokens."""
+        return self._state.hidden_inputs[self.layer][:, self._local(tokens)]
+
+    @torch.no_grad()
+    def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
+        """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
+        queries, pooled over each merge group), (N,) in the segment's raster order."""
+        return self._session.vision_attention(self._state.segments, block)[segment]
 
     @torch.no_grad()
     def values(self, tokens, layer: int | None = None) -> torch.Tensor:
@@ -255,6 +275,9 @@ class PruneSession:
         self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
         self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
         self._handles: list[Any] = []
+        self._vision_blocks = method.vision_blocks(adapter)
+        self._vision_calls: list[dict] = []  # per vision-tower call: grid_thw and block inputs
+        self._vision_scores: dict[int, dict[Segment, torch.Tensor]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -265,12 +288,47 @@ class PruneSession:
         for index, layer in enumerate(a.layers):
             hook = lambda module, args, kwargs, index=index: self._on_layer(index, args, kwargs)  # noqa: E731
             self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self._vision_blocks:
+            self._handles.append(a.vision_tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+            for block in sorted(set(self._vision_blocks)):
+                module = a.vision_attention_module(block)
+                hook = lambda module, args, kwargs, block=block: self._on_vision_block(block, module, args, kwargs)  # noqa: E731
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._state = None
+
+    # --- vision tower -----------------------------------------------------------------------------
+    def _on_vision(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._vision_calls.append({"grid_thw": grid, "blocks": {}})
+
+    def _on_vision_block(self, block: int, module, args, kwargs):
+        if self._vision_calls:
+            self._vision_calls[-1]["blocks"][block] = {
+                "module": module,
+                "hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+                "cu_seqlens": kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None),
+                "position_embeddings": kwargs.get("position_embeddings"),
+            }
+
+    def vision_attention(self, segments: list[Segment], block: int) -> dict[Segment, torch.Tensor]:
+        """Received attention of vision block ``block`` per segment. The tower encodes the images
+        (in prompt order) before the videos (in prompt order), one call each."""
+        if block not in self._vision_scores:
+            per_frame: list[torch.Tensor] = []
+            for call in self._vision_calls:
+                if block not in call["blocks"]:
+                    raise ValueError(f"vision block {block} did not run for this prompt")
+                per_frame += self.adapter.received_attention(call["grid_thw"], call["blocks"][block])
+            ordered = sorted(segments, key=lambda s: (s.kind != "image", s.source, s.frame))
+            if [t.numel() for t in per_frame] != [s.n for s in ordered]:
+                raise ValueError("the vision tower's outputs do not line up with the prompt's visual segments")
+            self._vision_scores[block] = dict(zip(ordered, per_frame))
+        return self._vision_scores[block]
 
     # --- hooks ------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
@@ -349,6 +407,8 @@ class PruneSession:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
             state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
             state.cache = kwargs.get("past_key_values")
+            state.rotary = tuple(kwargs["position_embeddings"])
+            state.current_positions = state.position_ids
         if index in self.stage_layers:
             hidden = self._select(index, hidden)
         if index + 1 in self.stage_layers:
@@ -390,19 +450,32 @@ class PruneSession:
         elif self.method.trims_earlier_layers:
             for earlier in range(layer):
                 state.layer_tokens[earlier] = new_kept
-        state.kept = new_kept
-        state.layer_kwargs = self._sliced(state, new_kept)
+        if getattr(self.method, "position_policy", "keep") == "renumber":
+            # close the gaps the dropped tokens leave: each kept token moves down by the number of
+            # tokens dropped before it (1-D RoPE: positions become 0..n−1, as PDrop does)
+            shift = local - torch.arange(local.numel(), device=local.device)
+            positions = state.current_positions[..., local] - shift
+            rotary = self.adapter.rotary_embedding(hidden, positions)
+        else:
+            positions = state.current_positions[..., local]
+            cos, sin = state.originals["position_embeddings"]
+            rotary = (cos[:, new_kept], sin[:, new_kept])
+        state.kept, state.current_positions, state.rotary = new_kept, positions, rotary
+        state.layer_kwargs = self._sliced(state, new_kept, rotary)
         state.stages.append({"layer": layer, "n_visual_kept": int(state.visual[new_kept].sum())})
+        if state.hidden_updates:
+            hidden = hidden.clone()
+            for pos, values in state.hidden_updates:
+                hidden[:, pos] = values.to(hidden.dtype)
+            state.hidden_updates.clear()
         state.selection_seconds += time.perf_counter() - started
         state.hidden_inputs.pop(layer - 1, None)
         state.hidden_inputs.pop(layer, None)
         return hidden[:, local]
 
     @staticmethod
-    def _sliced(state: _PrefillState, kept: torch.Tensor) -> dict[str, Any]:
-        original = state.originals
-        cos, sin = original["position_embeddings"]
-        mask = original["attention_mask"]
+    def _sliced(state: _PrefillState, kept: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        mask = state.originals["attention_mask"]
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
                 raise ValueError(f"ivcp cannot slice an attention mask of type {type(mask).__name__}; "
@@ -413,12 +486,13 @@ class PruneSession:
             mask = mask[:, :, kept][:, :, :, kept]
         # position_ids only tell flash-attention where packed sequences start: the kept tokens are
         # one sequence, so none are passed (sliced ids would look like many packed sequences).
-        return {"attention_mask": mask, "position_embeddings": (cos[:, kept], sin[:, kept]), "position_ids": None}
+        return {"attention_mask": mask, "position_embeddings": rotary, "position_ids": None}
 
     def _after_model(self, module, args, kwargs, output):
         state, self._state, self._decoding = self._state, None, None
         if state is None:
             return None
+        self._vision_calls, self._vision_scores = [], {}
         n_layers = len(self.adapter.layers)
         cache = getattr(output, "past_key_values", None)
         if cache is not None and len(cache.layers) == n_layers:

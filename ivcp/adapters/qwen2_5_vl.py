@@ -62,6 +62,58 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         section = params.get("mrope_section") or [16, 24, 24]
         return RopeSpec(theta=float(params["rope_theta"]), head_dim=self.head_dim, mrope_section=tuple(section))
 
+    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_model.rotary_emb(hidden, position_ids)
+
+    # --- vision tower -------------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    def vision_attention_module(self, block: int) -> nn.Module:
+        return self.vision_tower.blocks[block].attn
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self.vision_tower.blocks)
+
+    @property
+    def vision_local_block(self) -> int:
+        # the first full-attention block (7 of 32 in the released models): the blocks before it
+        # attend inside windows only
+        return int(self.model.config.vision_config.fullatt_block_indexes[0])
+
+    def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Order of the merge groups inside the tower (window order); the identity without windows."""
+        from transformers.vision_utils import get_vision_window_index
+
+        cfg = self.model.config.vision_config
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=cfg.spatial_merge_size,
+                                           window_size=cfg.window_size, patch_size=cfg.patch_size)
+        return index
+
+    @torch.no_grad()
+    def received_attention(self, grid_thw: torch.Tensor, attention_inputs: dict) -> list[torch.Tensor]:
+        attn = attention_inputs["module"]
+        hidden = attention_inputs["hidden_states"]
+        cu_seqlens = attention_inputs["cu_seqlens"].tolist()
+        cos, sin = attention_inputs["position_embeddings"]
+        n = hidden.shape[0]
+        qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3).float()  # (3, H, n, d)
+        q, k = (self.rotate(x[None], cos.float()[None], sin.float()[None])[0] for x in (qkv[0], qkv[1]))
+        received = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
+            for head in range(q.shape[0]):  # one head at a time: n x n floats at most
+                probs = (q[head, start:end] @ k[head, start:end].T * attn.scaling).softmax(-1)
+                total += probs.mean(0)
+            received[start:end] = total / q.shape[0]
+        unit = self._merge ** 2
+        pooled = received.view(-1, unit).mean(-1)  # merge groups, in the tower's (window) order
+        raster = pooled[torch.argsort(self._window_index(grid_thw).to(pooled.device))]
+        sizes = [int(h * w) // unit for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+        return list(torch.split(raster, sizes))
+
     @property
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size

@@ -32,6 +32,8 @@ class PruningMethod:
 
     name: ClassVar[str] = ""
     trims_earlier_layers: ClassVar[bool] = False
+    # 0 for methods that also act before the LLM (their layer-0 stage reads the vision tower)
+    min_selection_layer: ClassVar[int] = 1
 
     selection_layer: int | None = None
 
@@ -39,6 +41,10 @@ class PruningMethod:
     def selection_layers(self) -> list[int]:
         """Layers K (0-based) before which a selection runs, ascending."""
         return [self.selection_layer]
+
+    def vision_blocks(self, adapter) -> list[int]:
+        """Vision-tower blocks whose attention the method reads (``ctx.vision_attention``)."""
+        return []
 
     # --- selection --------------------------------------------------------------------------
     def select(self, ctx: "SelectionContext") -> torch.Tensor:
@@ -67,14 +73,16 @@ class PruningMethod:
             if value is None:
                 raise ValueError(f"{self.name}: parameter {f.name} has no value and no default for this model; "
                                  f"pass {f.name}=...")
-            if f.name.endswith("_ratio") and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{self.name}: {f.name} must be in [0, 1], got {value!r}")
+            ratios = value if f.name.endswith("_ratios") else [value] if f.name.endswith("_ratio") else []
+            for ratio in ratios:
+                if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
+                    raise ValueError(f"{self.name}: {f.name} must be in [0, 1], got {value!r}")
         for layer in self.selection_layers():
             if not isinstance(layer, int) or isinstance(layer, bool):
                 raise ValueError(f"{self.name}: selection layer must be an int, got {layer!r}")
-            if not 1 <= layer < num_layers:
+            if not self.min_selection_layer <= layer < num_layers:
                 raise ValueError(f"{self.name}: selection layer {layer} is out of range for a model with "
-                                 f"{num_layers} layers (it must be in [1, {num_layers - 1}])")
+                                 f"{num_layers} layers (it must be in [{self.min_selection_layer}, {num_layers - 1}])")
         layers = self.selection_layers()
         if layers != sorted(set(layers)):
             raise ValueError(f"{self.name}: selection layers must be strictly increasing, got {layers}")
