@@ -44,7 +44,7 @@ class PrefillRecord:
     n_visual_kept: int
     kv_lengths: list[int]  # KV-cache length of every layer after prefill
     seq_len: int
-    stages: list[dict[str, int]] = field(default_factory=list)  # per selection: layer, visual tokens kept
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per selection: layer, n_visual_kept, kept
     marks: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "ivc", "seed": input indices
     visual_kv_per_layer: list[int] = field(default_factory=list)  # visual tokens in each layer's KV
     selection_seconds: float = 0.0
@@ -95,7 +95,7 @@ class _PrefillState:
         self.hidden_updates: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache = None
         self.marks: dict[str, list[torch.Tensor]] = {}
-        self.stages: list[dict[str, int]] = []
+        self.stages: list[dict[str, Any]] = []
         self.selection_seconds = 0.0
 
 
@@ -214,6 +214,15 @@ class SelectionContext:
         """Input hidden states of layer K at ``tokens``, (B, T, hidden), in the model's dtype. At K = 0
         these are the input embeddings: the vision tower's merged features for visual tokens."""
         return self._state.hidden_inputs[self.layer][:, self._local(tokens)]
+
+    @property
+    def vision_local_block(self) -> int:
+        """The model's default local-attention vision block (Qwen2.5-VL: its first full-attention block)."""
+        return self._session.adapter.vision_local_block
+
+    @property
+    def vision_depth(self) -> int:
+        return self._session.adapter.vision_depth
 
     @torch.no_grad()
     def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
@@ -462,7 +471,8 @@ class PruneSession:
             rotary = (cos[:, new_kept], sin[:, new_kept])
         state.kept, state.current_positions, state.rotary = new_kept, positions, rotary
         state.layer_kwargs = self._sliced(state, new_kept, rotary)
-        state.stages.append({"layer": layer, "n_visual_kept": int(state.visual[new_kept].sum())})
+        state.stages.append({"layer": layer, "n_visual_kept": int(state.visual[new_kept].sum()),
+                             "kept": new_kept.cpu()})
         if state.hidden_updates:
             hidden = hidden.clone()
             for pos, values in state.hidden_updates:
@@ -530,9 +540,8 @@ def resolve_method(model: nn.Module, method: str | PruningMethod, **params: Any)
     adapter = adapter_for(model)
     method_obj = make_method(method, **params)
     text_config = getattr(model.config, "text_config", model.config)
-    defaults = _config.method_defaults(adapter.family, method_obj.name, text_config.num_hidden_layers,
-                                       text_config.hidden_size)
-    method_obj = method_obj.with_defaults(defaults)
+    method_obj = method_obj.resolve(lambda name: _config.method_defaults(
+        adapter.family, name, text_config.num_hidden_layers, text_config.hidden_size))
     method_obj.validate(len(adapter.layers))
     return method_obj
 

@@ -82,20 +82,28 @@ def value_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1).mean(0)
 
 
-def foreground_scores(text_values: torch.Tensor, image_values: torch.Tensor, seed_ratio: float
+def foreground_scores(text_values: torch.Tensor, image_values: torch.Tensor, seed_ratio: float, stages: int = 2
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-stage foreground from value vectors (eq. 9, 10).
 
     Stage 1: s = mean over text rows of value_attention(V_text, V_img); seeds = top max(1, round(seed_ratio·N)).
     Stage 2: f = mean over text rows and seed rows (V_img[seeds] as queries) of value_attention.
-    ``text_values`` (H, L, d), ``image_values`` (H, N, d). Returns (s, seeds, f).
+    ``text_values`` (H, L, d), ``image_values`` (H, N, d). Returns (s, seeds, f); with ``stages=1``
+    f = s and there are no seeds.
     """
-    n = image_values.shape[1]
     text_rows = value_attention(text_values, image_values)  # (L, N)
+    return foreground_from_rows(text_rows, lambda seeds: value_attention(image_values[:, seeds], image_values),
+                                seed_ratio, stages)
+
+
+def foreground_from_rows(text_rows: torch.Tensor, seed_rows, seed_ratio: float, stages: int = 2
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 9/10 on any similarity rows: ``text_rows`` (L, N); ``seed_rows(seeds)`` → (n_seed, N)."""
     s = text_rows.mean(0)
-    seeds = top_k(s, max(1, count(seed_ratio, n)))
-    seed_rows = value_attention(image_values[:, seeds], image_values)  # (n_seed, N)
-    f = torch.cat([text_rows, seed_rows]).mean(0)
+    if stages == 1:
+        return s, torch.empty(0, dtype=torch.long, device=s.device), s
+    seeds = top_k(s, max(1, count(seed_ratio, s.numel())))
+    f = torch.cat([text_rows, seed_rows(seeds)]).mean(0)
     return s, seeds, f
 
 

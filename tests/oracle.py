@@ -2,8 +2,11 @@
 
 It runs the *unpruned* model without any cache over the prompt plus the tokens generated so far,
 and replaces each decoder layer's attention mask by one that hides the dropped visual tokens:
-from every query at layers ≥ K, and from the decode queries at layers < K too when the method cut
-the earlier layers' cache (IVC-Prune) — at layers < K the prompt itself still sees everything.
+- from every query at layers ≥ the stage that dropped them;
+- when the method cuts the earlier layers' cache too (IVC-Prune), also from the decode queries at
+  every layer (at layers < K the prompt itself still sees everything).
+Options reproduce the other mechanics without slicing: replaced input embeddings (VScan's merge at
+layer 0) and renumbered prompt positions at layers ≥ a stage (PDrop's ``renumber``).
 No slicing, no cache trimming, positions computed by the model itself: if the engine's slicing,
 trimming or positions were wrong, the logits would differ.
 """
@@ -13,34 +16,28 @@ from __future__ import annotations
 import torch
 
 
-def layer_masks(n_prompt: int, n_total: int, dropped: torch.Tensor, stages: list[int], num_layers: int,
-                trims_earlier_layers: bool, dtype: torch.dtype, dropped_per_stage: list[torch.Tensor] | None = None):
-    """One additive (1, 1, T, T) mask per layer.
-
-    ``dropped`` (n_prompt,) bool: tokens gone after the last stage; ``dropped_per_stage`` lists, per
-    stage, the tokens gone after that stage (defaults to ``dropped`` for one stage).
-    """
-    dropped_per_stage = dropped_per_stage or [dropped]
+def layer_masks(n_prompt: int, n_total: int, stages: list[tuple[int, torch.Tensor]], num_layers: int,
+                trims_earlier_layers: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One additive (1, 1, T, T) mask per layer. ``stages``: (layer K, kept input indices after it)."""
     q = torch.arange(n_total)[:, None]
     k = torch.arange(n_total)[None, :]
     causal = k <= q
-    is_decode = q >= n_prompt
+    decode_rows = q >= n_prompt
+    final_dropped = torch.zeros(n_total, dtype=torch.bool)
+    final_dropped[:n_prompt] = True
+    final_dropped[stages[-1][1]] = False
     masks = []
     for layer in range(num_layers):
         hidden_keys = torch.zeros(n_total, dtype=torch.bool)
-        # keys gone for every query at this layer: dropped by a stage at or before it
-        for stage, gone in zip(stages, dropped_per_stage):
-            if layer >= stage:
-                hidden_keys[:n_prompt] |= gone
+        for stage_layer, kept in stages:
+            if layer >= stage_layer:
+                gone = torch.ones(n_total, dtype=torch.bool)
+                gone[kept] = False
+                gone[n_prompt:] = False
+                hidden_keys |= gone
         visible = causal & ~hidden_keys[None, :]
         if trims_earlier_layers:
-            # decode queries see, at every layer, only what survived the last stage
-            final = torch.zeros(n_total, dtype=torch.bool)
-            final[:n_prompt] = dropped
-            visible &= ~(is_decode & final[None, :])
-        else:
-            # FastV-style: a layer's cache holds what that layer processed in the prompt
-            pass
+            visible &= ~(decode_rows & final_dropped[None, :])
         visible |= torch.eye(n_total, dtype=torch.bool)  # no empty rows for dropped queries
         mask = torch.zeros(n_total, n_total, dtype=dtype)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
@@ -48,25 +45,64 @@ def layer_masks(n_prompt: int, n_total: int, dropped: torch.Tensor, stages: list
     return masks
 
 
+def renumbered_positions(position_ids: torch.Tensor, stages: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    """PDrop's renumbering, stage by stage: each kept prompt token's ids move down by the number of
+    tokens dropped before it. Returns, per stage, the (rows, n_prompt) ids the layers ≥ it use (only
+    the kept tokens' columns are meaningful)."""
+    current = position_ids.clone()
+    alive = torch.arange(position_ids.shape[-1])
+    out = []
+    for _, kept in stages:
+        keep = torch.isin(alive, kept)
+        dropped_before = torch.cumsum(~keep, 0) - (~keep).long()
+        updated = current.clone()
+        updated[:, alive[keep]] = current[:, alive[keep]] - dropped_before[keep]
+        current, alive = updated, alive[keep]
+        out.append(current.clone())
+    return out
+
+
 @torch.no_grad()
-def oracle_logits(model, inputs: dict, generated: torch.Tensor, kept: torch.Tensor, stages: list[int],
-                  trims_earlier_layers: bool, dropped_per_stage: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Logits (steps, vocab) for each generated step, from the masked no-cache oracle."""
+def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tuple[int, torch.Tensor]],
+                  trims_earlier_layers: bool, embedding_updates: dict[int, torch.Tensor] | None = None,
+                  renumber: bool = False) -> torch.Tensor:
+    """Logits (steps, vocab) for each generated step, from the masked no-cache oracle.
+
+    ``stages``: (layer K, sorted kept input indices after that stage), in order;
+    ``embedding_updates``: input index → replacement input embedding (applied before layer 0);
+    ``renumber``: layers ≥ each stage see that stage's renumbered prompt positions.
+    """
     from ivcp.adapters import adapter_for
 
     adapter = adapter_for(model)
     n_prompt = inputs["input_ids"].shape[1]
-    dropped = torch.ones(n_prompt, dtype=torch.bool)
-    dropped[kept] = False
     steps = generated.shape[-1]
     full_ids = torch.cat([inputs["input_ids"], generated.view(1, -1)], dim=1)
     n_total = full_ids.shape[1]
-    masks = layer_masks(n_prompt, n_total, dropped, stages, len(adapter.layers), trims_earlier_layers,
-                        model.dtype, dropped_per_stage)
-    handles = []
+    masks = layer_masks(n_prompt, n_total, stages, len(adapter.layers), trims_earlier_layers, model.dtype)
+    captured: dict = {}
+
+    def on_text_model(module, args, kwargs):
+        pos = kwargs["position_ids"]
+        captured["positions"] = pos[1:] if pos.shape[0] == 4 else pos
+
+    handles = [adapter.text_model.register_forward_pre_hook(on_text_model, with_kwargs=True)]
     for index, layer in enumerate(adapter.layers):
         def hook(module, args, kwargs, index=index):
             kwargs["attention_mask"] = masks[index]
+            if index == 0 and embedding_updates:
+                hidden = args[0].clone()
+                for token, value in embedding_updates.items():
+                    hidden[0, token] = value.to(hidden.dtype)
+                args = (hidden,) + tuple(args[1:])
+            if renumber:
+                cos, sin = kwargs["position_embeddings"]
+                for (stage_layer, _), prompt_ids in zip(stages, captured["renumbered"]):
+                    if index >= stage_layer:
+                        ids = captured["positions"].clone()
+                        ids[:, 0, :n_prompt] = prompt_ids
+                        cos, sin = adapter.rotary_embedding(args[0], ids)
+                kwargs["position_embeddings"] = (cos, sin)
             return args, kwargs
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -76,9 +112,24 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, kept: torch.Tens
         if "mm_token_type_ids" in feed:
             extra = torch.zeros(1, steps, dtype=feed["mm_token_type_ids"].dtype)
             feed["mm_token_type_ids"] = torch.cat([feed["mm_token_type_ids"], extra], dim=1)
+        if renumber:
+            pos, _ = model.model.get_rope_index(**_rope_args(model, feed))
+            captured["renumbered"] = renumbered_positions(pos[:, 0, :n_prompt], stages)
         model.model.rope_deltas = None
         logits = model(**feed, use_cache=False).logits[0]
     finally:
         for handle in handles:
             handle.remove()
     return logits[n_prompt - 1: n_prompt - 1 + steps]
+
+
+def _rope_args(model, feed: dict) -> dict:
+    import inspect
+
+    names = inspect.signature(model.model.get_rope_index).parameters
+    return {k: v for k, v in feed.items() if k in names}
+
+
+def record_stages(record) -> list[tuple[int, torch.Tensor]]:
+    """(layer, kept) per stage from an engine record — the *selection*, which the oracle takes as given."""
+    return [(stage["layer"], stage["kept"]) for stage in record.stages]

@@ -8,7 +8,7 @@ import ivcp
 from ivcp.testing import make_image, make_inputs
 
 from conftest import get_model
-from oracle import oracle_logits
+from oracle import oracle_logits, record_stages
 
 ATTN = ["sdpa", "eager"]
 
@@ -50,12 +50,11 @@ def test_pruned_decoding_matches_masked_oracle(family, attn, method, params):
     with torch.no_grad(), ivcp.prune(model, method, **params) as session:
         generated, logits = _generate(model, inputs)
     record = session.last
-    expected = oracle_logits(model, inputs, generated, record.kept, [s["layer"] for s in record.stages],
-                             session.method.trims_earlier_layers)
+    expected = oracle_logits(model, inputs, generated, record_stages(record), session.method.trims_earlier_layers)
     assert record.n_visual_kept < record.n_visual
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     # the pruned run really differs from the unpruned one (the oracle is not trivially equal)
-    bare = oracle_logits(model, inputs, generated, torch.arange(inputs["input_ids"].shape[1]), [1], False)
+    bare = oracle_logits(model, inputs, generated, [(1, torch.arange(inputs["input_ids"].shape[1]))], False)
     assert (bare - logits).abs().max() > 1e-3
 
 
@@ -64,7 +63,7 @@ def test_sampling_decode_matches_masked_oracle(family):
     inputs = make_inputs(processor, "Tell a story about it.", images=[make_image(seed=7)])
     with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.3) as session:
         generated, logits = _generate(model, inputs, steps=8, sample=True)
-    expected = oracle_logits(model, inputs, generated, session.last.kept, [session.method.selection_layer], True)
+    expected = oracle_logits(model, inputs, generated, record_stages(session.last), True)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
@@ -86,7 +85,7 @@ def test_manual_decode_without_position_ids_uses_unpruned_positions(family):
     # logits after feeding generated[i] are the oracle's at prompt + i + 1 tokens; one extra token
     # (never attended, causal) makes the oracle return that many rows
     extended = torch.cat([generated, generated[-1:]])
-    expected = oracle_logits(model, inputs, extended, session.last.kept, [session.method.selection_layer], True)
+    expected = oracle_logits(model, inputs, extended, record_stages(session.last), True)
     torch.testing.assert_close(torch.stack(logits), expected[1:], atol=1e-4, rtol=0)
 
 
@@ -135,7 +134,7 @@ def test_two_images_and_video_prune_per_segment(family):
     for start, end in record.segments:
         kept_here = int(((record.kept >= start) & (record.kept < end)).sum())
         assert kept_here == round(0.5 * (end - start))
-    expected = oracle_logits(model, inputs, generated, record.kept, [session.method.selection_layer], True)
+    expected = oracle_logits(model, inputs, generated, record_stages(record), True)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 

@@ -92,13 +92,50 @@ def test_ablations_without_ivc_or_foreground():
     v, u = ivc_scores(ctx.pos, ctx.rope)
     assert only_ivc.tolist() == ivc_token_set(v, u, 0.1).tolist()
     ctx = FakeContext(6, 8)
-    no_ivc = IVCPrune(selection_layer=2, ivc_ratio=0.1, use_ivc=False).select_segment(ctx, ctx.segment)
+    no_ivc = IVCPrune(selection_layer=2, ivc_ratio=0.1, pattern="none").select_segment(ctx, ctx.segment)
     _, seeds, f = foreground_scores(ctx.values(ctx.text)[0], ctx.values(ctx.segment.indices())[0], 0.01)
-    assert sorted(no_ivc.tolist()) == sorted(set(seeds.tolist()) | set(top_k(f, 48).tolist()[:24])) or \
-        len(no_ivc) == 24
+    expected = set(seeds.tolist())
+    for j in top_k(f, 48).tolist():
+        if len(expected) == 24:
+            break
+        expected.add(j)
+    assert set(no_ivc.tolist()) == expected
     assert "ivc" not in ctx.marks
-    with pytest.raises(ValueError, match="both be False"):
-        IVCPrune(use_ivc=False, use_foreground=False)
+    with pytest.raises(ValueError, match="keeps nothing"):
+        IVCPrune(pattern="none", use_foreground=False)
+
+
+def test_foreground_stage_one_only_uses_the_text_mean():
+    ctx = FakeContext(6, 8)
+    kept = IVCPrune(selection_layer=2, ivc_ratio=0.0, foreground_stages=1).select_segment(ctx, ctx.segment)
+    s, _, _ = foreground_scores(ctx.values(ctx.text)[0], ctx.values(ctx.segment.indices())[0], 0.01)
+    assert kept.tolist() == sorted(top_k(s, 24).tolist())
+    assert ctx.marks["seed"].numel() == 0
+
+
+@pytest.mark.parametrize("pattern,expected", [
+    # 4 x 5 grid, row-major: corners 0, 4, 15, 19 and the centre (1, 2) = 7
+    ("corners", [0, 4, 7, 15, 19]),
+    # centres of the 3x3 windows: rows {1, 3}, columns {1, 4} -> 6, 9, 16, 19
+    ("window", [6, 9, 16, 19]),
+    # diagonals: columns round(r * 4 / 3) = 0, 1, 3, 4 and mirrors 4, 3, 1, 0
+    ("diagonal", [0, 4, 6, 8, 11, 13, 15, 19]),
+])
+def test_patterns_by_hand(pattern, expected):
+    from ivcp.patterns import pattern_tokens
+
+    assert pattern_tokens(pattern, 4, 5).tolist() == expected
+    ctx = FakeContext(4, 5)
+    kept = IVCPrune(selection_layer=1, ivc_ratio=0.1, pattern=pattern, keep_ratio=0.0).select_segment(ctx, ctx.segment)
+    assert set(expected) <= set(kept.tolist())
+    assert ctx.marks["pattern"].tolist() == [3 + i for i in expected]
+
+
+def test_random_pattern_is_seeded_and_sized():
+    from ivcp.patterns import pattern_tokens
+
+    a, b = pattern_tokens("random", 10, 10, 0.15), pattern_tokens("random", 10, 10, 0.15)
+    assert torch.equal(a, b) and a.numel() == 15 and a.unique().numel() == 15
 
 
 def test_marks_record_ivc_and_seeds():

@@ -2,6 +2,6 @@
 
 from .base import PruningMethod
 from .registry import available_methods, make_method, method_class, register_method
-from . import fastv, ivc_prune, random  # noqa: F401  (registration)
+from . import adaptprune, drop_ivc, fastv, ivc_prune, ivc_union, pdrop, random, vscan, window_fastv  # noqa: F401
 
 __all__ = ["PruningMethod", "available_methods", "make_method", "method_class", "register_method"]

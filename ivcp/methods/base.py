@@ -66,6 +66,11 @@ class PruningMethod:
         filled = {k: v for k, v in defaults.items() if k in names and getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
+    def resolve(self, lookup) -> "PruningMethod":
+        """A copy with model-dependent defaults filled; ``lookup(method_name)`` gives a method's
+        defaults for the model at hand (wrappers resolve what they wrap too)."""
+        return self.with_defaults(lookup(self.name))
+
     def validate(self, num_layers: int) -> None:
         """Raise ValueError naming the first bad parameter (called before any compute)."""
         for f in dataclasses.fields(self):

@@ -27,8 +27,14 @@ class FastV(PruningMethod):
     selection_layer: int | None = 2
     keep_ratio: float = 0.5
 
-    def select(self, ctx) -> torch.Tensor:
+    def rank(self, ctx) -> torch.Tensor:
+        """Visual tokens, best first, by the last prompt token's attention at layer K−1."""
         visual = ctx.visual_tokens()
-        row = ctx.attention([ctx.last_token], visual, layer=self.selection_layer - 1)  # (B, H, 1, N)
-        scores = row[0].mean(0)[0]
-        return visual[top_k(scores, count(self.keep_ratio, visual.numel()))]
+        scores = ctx.attention([ctx.last_token], visual, layer=ctx.layer - 1)[0].mean(0)[0]
+        return visual[top_k(scores, visual.numel())]
+
+    def keep_count(self, ctx) -> int:
+        return count(self.keep_ratio, ctx.visual_tokens().numel())
+
+    def select(self, ctx) -> torch.Tensor:
+        return self.rank(ctx)[: self.keep_count(ctx)]

@@ -22,17 +22,35 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import IVC_MODES, count, fill_to_budget, foreground_scores, ivc_scores, ivc_token_set, top_k
+from ..patterns import PATTERNS, pattern_tokens
+from ..scoring import (IVC_MODES, count, fill_to_budget, foreground_from_rows, foreground_scores, ivc_scores,
+                       ivc_token_set, top_k)
 from .base import PruningMethod, check_choice
 from .registry import register_method
 
 BUDGET_MODES = ("reference_fill", "paper_union")
+FOREGROUND_SIGNALS = ("value", "attention")
+
+
+def ivc_tokens(ctx, segment, ivc_ratio: float, ivc_mode: str) -> torch.Tensor:
+    """Local indices of a segment's IVC tokens (top by V ∪ top by U)."""
+    v, u = ivc_scores(ctx.positions(segment), ctx.rope, ivc_mode)
+    return ivc_token_set(v, u, ivc_ratio).to(ctx.device)
 
 
 @register_method
 @dataclass
 class IVCPrune(PruningMethod):
-    """IVC-Prune; ``None`` fields come from the model's config (configs/<family>.toml)."""
+    """IVC-Prune; ``None`` fields come from the model's config (configs/models/<family>.toml).
+
+    Ablations (paper tables) as options:
+    - ``pattern`` (Tab. 4, 6): the positional tokens kept beside the foreground — ``ivc`` (default),
+      ``none`` (IVC-Prune w/o IVC), ``random`` (``pattern_ratio`` of N), ``corners``, ``window``,
+      ``diagonal`` (see :mod:`ivcp.patterns`); IVC 5/10/20 % is ``ivc_ratio``.
+    - ``foreground_stages=1`` (Tab. 7, stage 1 only: f = s, no seeds);
+      ``foreground_signal="attention"`` (Tab. 7: text→image attention of layer K−1 instead of value
+      similarity); ``use_foreground=False`` keeps the pattern alone.
+    """
 
     name: ClassVar[str] = "ivc_prune"
     trims_earlier_layers: ClassVar[bool] = True
@@ -44,29 +62,44 @@ class IVCPrune(PruningMethod):
     foreground_ratio: float | None = None
     ivc_mode: str = "reference"
     budget_mode: str = "reference_fill"
-    use_ivc: bool = True
+    pattern: str = "ivc"
+    pattern_ratio: float = 0.15
+    foreground_stages: int = 2
+    foreground_signal: str = "value"
     use_foreground: bool = True
 
     def __post_init__(self) -> None:
         check_choice(self.name, "ivc_mode", self.ivc_mode, IVC_MODES)
         check_choice(self.name, "budget_mode", self.budget_mode, BUDGET_MODES)
-        if not (self.use_ivc or self.use_foreground):
-            raise ValueError(f"{self.name}: use_ivc and use_foreground cannot both be False")
+        check_choice(self.name, "pattern", self.pattern, PATTERNS)
+        check_choice(self.name, "foreground_stages", self.foreground_stages, (1, 2))
+        check_choice(self.name, "foreground_signal", self.foreground_signal, FOREGROUND_SIGNALS)
+        if self.pattern == "none" and not self.use_foreground:
+            raise ValueError(f"{self.name}: pattern 'none' with use_foreground=False keeps nothing")
 
     def select_segment(self, ctx, segment) -> torch.Tensor:
         n = segment.n
-        device = ctx.device
-        ivc = torch.empty(0, dtype=torch.long, device=device)
-        if self.use_ivc:
-            v, u = ivc_scores(ctx.positions(segment), ctx.rope, self.ivc_mode)
-            ivc = ivc_token_set(v, u, self.ivc_ratio).to(device)
-            ctx.mark("ivc", segment.start + ivc)
+        if self.pattern == "ivc":
+            positional = ivc_tokens(ctx, segment, self.ivc_ratio, self.ivc_mode)
+            ctx.mark("ivc", segment.start + positional)
+        else:
+            positional = pattern_tokens(self.pattern, segment.grid_h, segment.grid_w, self.pattern_ratio).to(ctx.device)
+            ctx.mark("pattern", segment.start + positional)
         if not self.use_foreground:
-            return ivc
-        text_values = ctx.values(ctx.text_queries(segment))[0]  # (kv_heads, L, d)
-        image_values = ctx.values(segment.indices(device))[0]  # (kv_heads, N, d)
-        _, seeds, f = foreground_scores(text_values, image_values, self.seed_ratio)
+            return positional
+        seeds, f = self._foreground(ctx, segment)
         ctx.mark("seed", segment.start + seeds)
         if self.budget_mode == "reference_fill":
-            return fill_to_budget(torch.cat([ivc, seeds]), f, count(self.keep_ratio, n))
-        return torch.unique(torch.cat([ivc, top_k(f, count(self.foreground_ratio, n))]))
+            return fill_to_budget(torch.cat([positional, seeds]), f, count(self.keep_ratio, n))
+        return torch.unique(torch.cat([positional, top_k(f, count(self.foreground_ratio, n))]))
+
+    def _foreground(self, ctx, segment) -> tuple[torch.Tensor, torch.Tensor]:
+        text, image = ctx.text_queries(segment), segment.indices(ctx.device)
+        if self.foreground_signal == "value":
+            _, seeds, f = foreground_scores(ctx.values(text)[0], ctx.values(image)[0], self.seed_ratio,
+                                            self.foreground_stages)
+        else:
+            rows = lambda queries: ctx.attention(queries, image)[0].mean(0)  # noqa: E731  (Q, N)
+            _, seeds, f = foreground_from_rows(rows(text), lambda seeds: rows(segment.start + seeds),
+                                              self.seed_ratio, self.foreground_stages)
+        return seeds.to(ctx.device), f

@@ -1,0 +1,68 @@
+"""PDrop (PyramidDrop, Xing et al., CVPR 2025): visual tokens dropped in stages.
+
+PDrop drops after each layer l of its list; the first layer that runs without the dropped tokens is
+l + 1 — our ``stage_layers`` are those l + 1 (Qwen2.5-VL-7B: PDrop's {8, 16, 24} → 9, 17, 25). At each
+stage the remaining visual tokens are ranked by the last prompt token's attention recomputed with
+that layer's input norm, q/k projections and rotary (mean over heads); ``stage_ratios[i]`` of them
+stay (round). Earlier layers keep their KV cache (each layer caches what it processed).
+
+``position_policy``: ``keep`` (default: kept tokens keep their original ids, best for grounding) or
+``renumber`` (PDrop's code: after each drop, positions close the gap, 0..n−1 for 1-D RoPE; for
+M-RoPE every id of a kept token moves down by the number of tokens dropped before it). Decoding
+uses the unpruned positions either way, as PDrop's code does (positions come from the full layer-0
+cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..scoring import count, top_k
+from .base import PruningMethod, check_choice
+from .registry import register_method
+
+POSITION_POLICIES = ("keep", "renumber")
+
+
+@register_method
+@dataclass
+class PDrop(PruningMethod):
+    name: ClassVar[str] = "pdrop"
+    trims_earlier_layers: ClassVar[bool] = False
+
+    selection_layer: int | None = None  # unused: see stage_layers
+    stage_layers: tuple[int, ...] | None = None
+    stage_ratios: tuple[float, ...] | None = None
+    position_policy: str = "keep"
+
+    def __post_init__(self) -> None:
+        check_choice(self.name, "position_policy", self.position_policy, POSITION_POLICIES)
+        if self.stage_layers is not None:
+            self.stage_layers = tuple(self.stage_layers)
+            self.selection_layer = self.stage_layers[0] if self.stage_layers else None
+        if self.stage_ratios is not None:
+            self.stage_ratios = tuple(self.stage_ratios)
+
+    def selection_layers(self) -> list[int]:
+        return list(self.stage_layers)
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        if len(self.stage_layers) != len(self.stage_ratios):
+            raise ValueError(f"{self.name}: {len(self.stage_layers)} stage_layers but {len(self.stage_ratios)} "
+                             "stage_ratios")
+
+    def rank(self, ctx) -> torch.Tensor:
+        """Present visual tokens, best first, by the last token's attention at layer K."""
+        visual = ctx.visual_tokens()
+        scores = ctx.attention([ctx.last_token], visual, layer=ctx.layer)[0].mean(0)[0]
+        return visual[top_k(scores, visual.numel())]
+
+    def keep_count(self, ctx) -> int:
+        return count(self.stage_ratios[ctx.stage], ctx.visual_tokens().numel())
+
+    def select(self, ctx) -> torch.Tensor:
+        return self.rank(ctx)[: self.keep_count(ctx)]
