@@ -1,0 +1,262 @@
+"""Baselines and ablations: selection rules on hand-built inputs, then every method end to end
+against the masked no-cache oracle on both tiny families."""
+
+import math
+
+import pytest
+import torch
+
+import ivcp
+from ivcp.adapters import RopeSpec, Segment
+from ivcp.methods.adaptprune import adaptive_nms, centre_prior
+from ivcp.methods.fastv import FastV
+from ivcp.methods.vscan import merge_into_kept, windowed_top
+from ivcp.methods.window_fastv import closest_divisor, window_quota_selection
+from ivcp.scoring import ivc_scores, ivc_token_set
+from ivcp.testing import make_image, make_inputs
+
+from conftest import get_model
+from oracle import oracle_logits, record_stages
+
+
+# --- selection rules by hand ---------------------------------------------------------------------
+
+class RowContext:
+    """A context whose last-token attention row is given."""
+
+    def __init__(self, row, start=10):
+        self.row = torch.tensor(row)
+        self.layer, self.stage, self.device, self.last_token = 2, 0, torch.device("cpu"), 99
+        self.visual = torch.arange(start, start + len(row))
+
+    def visual_tokens(self, segment=None):
+        return self.visual
+
+    def attention(self, queries, keys, layer=None, rotary=True):
+        assert torch.equal(torch.as_tensor(keys), self.visual)
+        return self.row.view(1, 1, 1, -1).expand(1, 2, 1, -1)
+
+
+def test_fastv_keeps_the_top_of_a_known_row():
+    ctx = RowContext([0.05, 0.30, 0.10, 0.25, 0.05, 0.25])
+    # keep round(0.5 * 6) = 3: 0.30 (11), then the tie 0.25 at 13 and 15
+    assert sorted(FastV(keep_ratio=0.5).select(ctx).tolist()) == [11, 13, 15]
+    assert FastV(keep_ratio=0.5).rank(ctx).tolist()[:4] == [11, 13, 15, 12]
+
+
+def test_closest_divisor():
+    assert closest_divisor(6, 4) == 3
+    assert closest_divisor(8, 3) == 2  # 2 and 4 are equally close: the smaller
+    assert closest_divisor(24, 4) == 4
+    assert closest_divisor(7, 5) == 7  # a prime: 1 or 7, 7 is closer
+    assert closest_divisor(7, 4) == 1  # equally close: the smaller
+
+
+def test_window_quotas_spread_the_budget():
+    # 4 x 6 grid; FastV's scores favour the bottom rows (row r gets 10 * r + column)
+    scores = torch.tensor([10.0 * r + c for r in range(4) for c in range(6)])
+    kept = window_quota_selection(scores, 4, 6, keep_ratio=0.5, window_size=2)
+    # 2 x 2 windows, quota round(0.5 * 4) = 2 each: the bottom row of each window, its two cells
+    expected = [r * 6 + c for r in (1, 3) for c in range(6)]
+    assert kept.tolist() == expected
+    assert len(kept) == 12
+
+
+def test_window_quotas_trim_to_the_budget():
+    # 2 x 5 grid, 1 x 1 windows: each window's quota max(1, round(0.3)) = 1 -> 10 > budget 3 -> trim
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.6, 0.5, 0.4, 0.0])
+    assert window_quota_selection(scores, 2, 5, 0.3, 1).tolist() == [1, 3, 5]
+
+
+def test_centre_prior_values():
+    prior = centre_prior(3, 3).view(3, 3)
+    assert prior[1, 1].item() == 1.0
+    # corner: exp(-1/(2*1.5^2) - 1/(2*1.5^2)) = exp(-0.4444) = 0.641180
+    assert prior[0, 0].item() == pytest.approx(0.641180, abs=1e-6)
+    assert prior[0, 1].item() == pytest.approx(math.exp(-1 / 4.5), abs=1e-12)
+
+
+def test_adaptive_nms_3x3_by_hand():
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.5, 0.1, 0.1, 0.1, 0.3])
+    keys = torch.eye(9, dtype=torch.float64)
+    keys[1] = keys[0]  # tokens 0 and 1 are duplicates (cosine 1); all others orthogonal (cosine 0)
+    picks = adaptive_nms(scores, keys, 3, 3, keep=4)
+    # pick 0 (0.9); token 1 (distance 1, cosine 1) drops to 0.8 * (1 - exp(-1/4.5)) = 0.15941;
+    # orthogonal tokens keep their scores (factor 1 - exp(-200)); then 4 (0.5), 8 (0.3), 1 (0.159)
+    assert picks.tolist() == [0, 4, 8, 1]
+    assert 0.8 * (1 - math.exp(-1 / 4.5)) == pytest.approx(0.159410, abs=1e-6)
+    # without the duplicate, plain top-k order
+    assert adaptive_nms(scores, torch.eye(9, dtype=torch.float64), 3, 3, keep=3).tolist() == [0, 1, 4]
+    # outside the radius nothing is suppressed: a far duplicate keeps its score
+    far = torch.eye(9, dtype=torch.float64)
+    far[8] = far[0]
+    assert adaptive_nms(torch.tensor([0.9, 0, 0, 0, 0, 0, 0, 0, 0.8]), far, 3, 3, 2, radius=1.0).tolist() == [0, 8]
+
+
+def test_vscan_windowed_top_caps_each_window():
+    # 4 x 4 grid, 2 x 2 windows; the best scores all sit in the top-left window
+    scores = torch.tensor([9.0, 8, 1, 1, 7, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    # k = 2 -> cap ceil(2/16) = 1 per window: 0 (top-left), then the best outside it: 15 (2.0)
+    assert windowed_top(scores, 4, 4, 2, window=2).tolist() == [0, 15]
+    # k = 20 > 16 tokens is clipped by the fill: every token once
+    assert sorted(windowed_top(scores, 4, 4, 16, window=2).tolist()) == list(range(16))
+
+
+def test_vscan_merge_by_hand():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [1.0, 0.2]])
+    merged = merge_into_kept(features, torch.tensor([0, 1]))
+    # 2 and 4 are closest to 0, 3 to 1
+    assert torch.allclose(merged[0], torch.tensor([(1.0 + 0.9 + 1.0) / 3, (0.0 + 0.1 + 0.2) / 3], dtype=torch.float64))
+    assert torch.allclose(merged[1], torch.tensor([0.05, 0.95], dtype=torch.float64))
+
+
+# --- end to end on the tiny models ---------------------------------------------------------------
+
+E2E = [
+    ("fastv", dict(keep_ratio=0.4)),
+    ("window_fastv", dict(keep_ratio=0.4, window_size=2)),
+    ("pdrop", dict(stage_layers=(1, 2, 3), stage_ratios=(0.7, 0.5, 0.5))),
+    ("pdrop", dict(stage_layers=(1, 3), stage_ratios=(0.6, 0.5), position_policy="renumber")),
+    ("adaptprune", dict(keep_ratio=0.3)),
+    ("vscan", dict(selection_layer=2, encoder_keep_ratio=0.6, llm_keep_ratio=0.5)),
+    ("random", dict(keep_ratio=0.3, seed=3)),
+    ("drop_ivc", dict(ivc_ratio=0.2)),
+    ("ivc_union", dict(base="fastv", base_params={"keep_ratio": 0.3})),
+    ("ivc_union", dict(base="pdrop", base_params={"stage_layers": (1, 3), "stage_ratios": (0.5, 0.5)}, budget="same")),
+    ("ivc_prune", dict(foreground_signal="attention", foreground_stages=2)),
+    ("ivc_prune", dict(pattern="diagonal", budget_mode="paper_union")),
+]
+
+
+def _vscan_updates(model, inputs, record):
+    """Merged embeddings the encoder stage should hand the LLM, computed from the tower's features."""
+    from ivcp.methods.vscan import merge_into_kept
+
+    features = {}
+
+    def grab(module, args, kwargs):
+        features.setdefault("h", args[0].clone())
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    kept_after_encoder = record.stages[0]["kept"]
+    updates = {}
+    for start, end in record.segments:
+        local = kept_after_encoder[(kept_after_encoder >= start) & (kept_after_encoder < end)] - start
+        merged = merge_into_kept(features["h"][0, start:end].float(), local)
+        updates.update({start + int(j): merged[i].float() for i, j in enumerate(local)})
+    return updates
+
+
+@pytest.mark.parametrize("method,params", E2E, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:40])
+def test_every_method_decodes_like_the_oracle(family, method, params):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Where is the largest shape?", images=[make_image(seed=11)])
+    with torch.no_grad(), ivcp.prune(model, method, **params) as session:
+        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    generated = out.sequences[0, inputs["input_ids"].shape[1]:]
+    logits = torch.stack(out.logits, dim=1)[0]
+    record = session.last
+    assert 0 < record.n_visual_kept < record.n_visual
+    updates = _vscan_updates(model, inputs, record) if method == "vscan" else None
+    expected = oracle_logits(model, inputs, generated, record_stages(record), session.method.trims_earlier_layers,
+                             embedding_updates=updates,
+                             renumber=getattr(session.method, "position_policy", "keep") == "renumber")
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_kv_policies_and_stage_counts(family):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Describe.", images=[make_image()])
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with ivcp.prune(model, "pdrop", stage_layers=(1, 2, 3), stage_ratios=(0.7, 0.5, 0.5)) as pdrop:
+            model(**inputs, use_cache=True)
+        # 48 -> round(33.6) = 34 -> round(17) = 17 -> round(8.5) = 8
+        assert [s["n_visual_kept"] for s in pdrop.last.stages] == [34, 17, 8]
+        assert pdrop.last.kv_lengths == [n, n - 14, n - 31, n - 40]
+        for name, params in (("window_fastv", {}), ("adaptprune", {})):
+            with ivcp.prune(model, name, **params) as session:
+                model(**inputs, use_cache=True)
+            kept = session.last.kept.numel()
+            assert session.last.kv_lengths == [n, n, kept, kept], name
+        with ivcp.prune(model, "vscan", selection_layer=2, encoder_keep_ratio=0.5, llm_keep_ratio=0.5) as vscan:
+            model(**inputs, use_cache=True)
+        # the encoder stage removes tokens from every layer: 24 reach the LLM, 12 stay after layer 2
+        assert [s["n_visual_kept"] for s in vscan.last.stages] == [24, 12]
+        assert vscan.last.kv_lengths == [n - 24, n - 24, n - 36, n - 36]
+
+
+def test_vscan_received_attention_is_a_distribution(family):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Compare.", images=[make_image(224, 168), make_image(112, 112, seed=3)],
+                         video_frames=2)
+    captured = {}
+
+    class Capture(ivcp.methods.vscan.VScan):
+        def _encoder_stage(self, ctx):
+            for block in (ctx.vision_local_block, ctx.vision_depth - 1):  # both attend over whole frames
+                captured.update({(seg, block): ctx.vision_attention(seg, block) for seg in ctx.segments})
+            return super()._encoder_stage(ctx)
+
+    with torch.no_grad(), ivcp.prune(model, Capture(selection_layer=2)):
+        model(**inputs)
+    blocks = {block for _, block in captured}
+    assert len(captured) == 3 * len(blocks)  # two images and one temporal slice of the video
+    for (seg, _), scores in captured.items():
+        assert scores.numel() == seg.n
+        # each query's softmax sums to 1 -> the mean over queries sums to 1 over the frame's patches;
+        # pooling 4 patches per merged token by their mean leaves 1/4
+        assert scores.sum().item() == pytest.approx(0.25, abs=1e-5)
+
+
+def test_ivc_union_contains_the_ivc_set(family):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Where?", images=[make_image()])
+    with torch.no_grad():
+        with ivcp.prune(model, "ivc_union", base="fastv", base_params={"keep_ratio": 0.2}, ivc_ratio=0.2) as union:
+            model(**inputs)
+        with ivcp.prune(model, "fastv", keep_ratio=0.2) as plain:
+            model(**inputs)
+        with ivcp.prune(model, "ivc_union", base="fastv", base_params={"keep_ratio": 0.2}, ivc_ratio=0.05,
+                        budget="same") as same:
+            model(**inputs)
+    (start, end), = union.last.segments
+    positions = model.model.get_rope_index(
+        inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        **({"mm_token_type_ids": inputs["mm_token_type_ids"]}
+           if "mm_token_type_ids" in model.model.get_rope_index.__code__.co_varnames else {}))[0][:, 0, start:end]
+    adapter = ivcp.adapters.adapter_for(model)
+    ivc = start + ivc_token_set(*ivc_scores(positions, adapter.rope), 0.2)
+    assert torch.equal(union.last.marks["ivc"], ivc)
+    assert torch.isin(ivc, union.last.kept).all()
+    assert torch.isin(plain.last.kept, union.last.kept).all()  # the base choice is all there
+    plain_visual = {t for t in plain.last.kept.tolist() if start <= t < end}
+    assert union.last.n_visual_kept == len(plain_visual | set(ivc.tolist()))  # "extra": the union
+    assert torch.isin(same.last.marks["ivc"], same.last.kept).all()
+    assert same.last.n_visual_kept == plain.last.n_visual_kept == 10  # "same": the base's budget
+
+
+def test_random_is_reproducible_by_seed(family):
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Where?", images=[make_image()])
+    kept = []
+    for seed in (1, 1, 2):
+        with torch.no_grad(), ivcp.prune(model, "random", seed=seed, keep_ratio=0.25) as session:
+            model(**inputs)
+        kept.append(session.last.kept)
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+    assert session.last.n_visual_kept == 12
+
+
+def test_ivc_union_refuses_a_method_that_does_not_rank():
+    with pytest.raises(ValueError, match="does not rank tokens"):
+        ivcp.make_method("ivc_union", base="adaptprune")
+
+
+def test_all_issue_names_are_registered():
+    assert {"ivc_prune", "fastv", "window_fastv", "pdrop", "vscan", "adaptprune", "random", "drop_ivc",
+            "ivc_union"} <= set(ivcp.available_methods())
