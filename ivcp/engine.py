@@ -360,6 +360,8 @@ class PruneSession:
             return (args, kwargs) if self._continue(cache, past, kwargs) else None
         if cache is not None and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
             raise ValueError(f"ivcp trims a DynamicCache; this cache ({type(cache).__name__}) has other layer types")
+        if has_pixels:  # the tower runs inside this forward: anything captured before is stale
+            self._vision_calls, self._vision_scores = [], {}
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
         return None
 
