@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -65,6 +66,53 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def viz_ivc(args: argparse.Namespace) -> int:
+    """IVC score maps (V and U, reference and sectioned) for a family's rotary or the tiny model's."""
+    from ivcp import viz
+    from ivcp.config import family_rope
+
+    if args.model == "tiny" or args.model.startswith("tiny:"):
+        from ivcp.adapters import adapter_for
+        from ivcp.loading import load_model
+
+        rope = adapter_for(load_model(args.model, device="cpu")[0]).rope
+    else:
+        rope = family_rope(args.model)
+    grid_h, grid_w = args.grid
+    if grid_h < 1 or grid_w < 1 or args.offset < 0:
+        raise ValueError("--grid needs two positive sizes and --offset a non-negative count")
+    maps = viz.ivc_maps(rope, grid_h, grid_w, args.offset, args.ivc_ratio)
+    title = (f"{args.model}: theta {rope.theta:g}, d {rope.head_dim}, grid {grid_h}x{grid_w}, offset {args.offset}, "
+             f"IVC {args.ivc_ratio:.0%} outlined")
+    path = viz.save(viz.render_ivc_maps(maps, title), args.out, f"ivc_maps_{args.model.replace(':', '_')}_{grid_h}x{grid_w}.png")
+    print(path)
+    return 0
+
+
+def viz_kept(args: argparse.Namespace) -> int:
+    """The image once per method with pruned cells greyed out."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ivcp import viz
+    from ivcp.loading import load_model
+
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read the image {args.image!r}: {error}") from None
+    model, processor = load_model(args.model)
+    params: dict = {}
+    for (key, value) in args.param:
+        method, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"--param for viz kept is METHOD.NAME=VALUE, got {key}={value}")
+        params.setdefault(method, {})[name] = value
+    view, panels = viz.kept_panels(model, processor, image, args.prompt, args.methods, params)
+    canvas, _ = viz.render_kept(view, panels)
+    print(viz.save(canvas, args.out, f"kept_{Path(args.image).stem}.png"))
+    return 0
+
+
 def list_methods(args: argparse.Namespace) -> int:
     import ivcp
     from ivcp.methods import method_class
@@ -103,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Locate the red shape and output the bbox coordinates in JSON format.")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("viz", help="pictures: IVC score maps, kept-token overlays")
+    viz_sub = p.add_subparsers(dest="viz_command", required=True)
+    q = viz_sub.add_parser("ivc", help="V and U heat maps over a merged grid with the IVC tokens outlined")
+    q.add_argument("--model", default="qwen2_5_vl", help="a model family (its released rotary) or tiny[:family]")
+    q.add_argument("--grid", nargs=2, type=int, metavar=("H", "W"), default=[24, 24])
+    q.add_argument("--offset", type=int, default=0, help="tokens before the image (its rotary start)")
+    q.add_argument("--ivc-ratio", type=float, default=0.1)
+    q.add_argument("--out", default="outputs/viz")
+    q.set_defaults(func=viz_ivc)
+    q = viz_sub.add_parser("kept", help="the image once per method, pruned cells greyed out")
+    q.add_argument("--image", required=True)
+    q.add_argument("--prompt", default="Locate the object and output the bbox coordinates in JSON format.")
+    q.add_argument("--methods", default="ivc_prune,fastv", type=lambda s: [m for m in s.split(",") if m])
+    q.add_argument("--model", default="tiny", help="tiny[:family], a checkpoint directory or a hub id")
+    q.add_argument("--param", action="append", default=[], type=_param, metavar="METHOD.NAME=VALUE")
+    q.add_argument("--out", default="outputs/viz")
+    q.set_defaults(func=viz_kept)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
     p.set_defaults(func=list_methods)

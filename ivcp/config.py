@@ -62,3 +62,16 @@ def method_defaults(family: str, method: str, num_hidden_layers: int, hidden_siz
         to_layer = lambda f: min(max(int(round(f * num_hidden_layers)), 1), num_hidden_layers - 1)  # noqa: E731
         merged[target] = tuple(to_layer(f) for f in fraction) if isinstance(fraction, list) else to_layer(fraction)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+
+
+def family_rope(family: str):
+    """The released checkpoints' decoder rotary parameters of a family (``[rope]`` in its config)."""
+    from .adapters.base import RopeSpec
+
+    from .adapters import available_adapters
+
+    rope = family_config(family).get("rope")
+    if rope is None:
+        raise ValueError(f"no rotary parameters for model family {family!r}; known: {', '.join(available_adapters())}")
+    section = rope.get("mrope_section")
+    return RopeSpec(float(rope["theta"]), int(rope["head_dim"]), tuple(section) if section else None)
