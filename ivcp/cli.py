@@ -113,6 +113,55 @@ def viz_kept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in filter(None, text.split(",")):
+        try:
+            width, height = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"image sizes are WIDTHxHEIGHT, got {item!r}") from None
+        if width < 1 or height < 1:
+            raise argparse.ArgumentTypeError(f"image sizes must be positive, got {item!r}")
+        sizes.append((height, width))
+    return sizes
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Efficiency benchmark (see ivcp/bench.py)."""
+    import torch
+
+    from ivcp import bench as b
+    from ivcp.loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "bf16": torch.bfloat16,
+             "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    sizes = list(args.image_sizes) + [b.visual_tokens_to_size(n) for n in args.visual_tokens]
+    if not sizes:
+        sizes = [(336, 448)]
+    cases = b.plan(args.methods, args.keep_ratios, sizes)  # unknown methods fail here
+    if args.model == "tiny" or args.model.startswith("tiny:") or args.model in b.bundled_architectures():
+        if args.model.startswith("tiny"):
+            model, _ = load_model(args.model, device=device)
+            model = model.to(dtype)
+        else:
+            model = b.random_model(args.model, device=device, dtype=dtype)
+    elif Path(args.model).exists() or "/" in args.model:
+        model, _ = load_model(args.model, dtype=dtype, device=device)
+    else:
+        raise ValueError(f"unknown model {args.model!r}: use tiny, a checkpoint directory, a hub id, or one of "
+                         f"{', '.join(b.bundled_architectures())}")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cases = b.run(model, cases, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+                  prompt_tokens=args.prompt_tokens)
+    options = {k: getattr(args, k) for k in ("repeats", "warmup", "new_tokens", "prompt_tokens")}
+    report = b.report_for(args.model, model, b.summarise(model, cases), options, "ivcp " + " ".join(sys.argv[1:]))
+    paths = b.write(report, args.out)
+    print(b.markdown(report))
+    print("\n".join(f"wrote {path}" for path in paths.values()))
+    return 0
+
+
 def list_methods(args: argparse.Namespace) -> int:
     import ivcp
     from ivcp.methods import method_class
@@ -169,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--param", action="append", default=[], type=_param, metavar="METHOD.NAME=VALUE")
     q.add_argument("--out", default="outputs/viz")
     q.set_defaults(func=viz_kept)
+
+    p = sub.add_parser("bench", help="efficiency per method beside the analytic limit")
+    p.add_argument("--model", default="tiny", help="tiny[:family], a bundled architecture (random weights: "
+                   "qwen2_5_vl_3b/7b/32b, qwen2_vl_7b, qwen2_5_vl_mini), a checkpoint directory or a hub id")
+    p.add_argument("--methods", default="vanilla,fastv,pdrop,ivc_prune", type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--image-sizes", type=_sizes, default=[], help="WIDTHxHEIGHT[,...] (default 448x336)")
+    p.add_argument("--visual-tokens", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
+                   help="sizes given as visual-token counts instead, e.g. 1300,5000")
+    p.add_argument("--keep-ratios", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
+                   help="sweep keep_ratio for the methods that have one, e.g. 0.25,0.5,0.75")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="outputs/bench")
+    p.set_defaults(func=bench)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
     p.set_defaults(func=list_methods)

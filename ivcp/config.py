@@ -16,17 +16,31 @@ from pathlib import Path
 from typing import Any
 
 
-def _config_file(family: str):
-    """configs/models/<family>.toml: installed as the package data `ivcp.configs` (pyproject maps the
-    top-level configs/ onto it), or read from the source tree when running from a checkout."""
-    name = f"{family}.toml"
+def _configs():
+    """The configs/ folder: installed as the package data `ivcp.configs` (pyproject maps the top-level
+    configs/ onto it), or read from the source tree when running from a checkout."""
     try:
-        installed = resources.files("ivcp.configs").joinpath("models").joinpath(name)
-        if installed.is_file():
+        installed = resources.files("ivcp.configs")
+        if installed.joinpath("models").is_dir():
             return installed
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "configs" / "models" / name
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_file(folder: str, name: str):
+    """A file of configs/<folder>/ (a Path or an importlib Traversable: use is_file / read_text)."""
+    return _configs().joinpath(folder).joinpath(name)
+
+
+def config_names(folder: str, suffix: str) -> list[str]:
+    """Stems of the files of configs/<folder>/ ending in ``suffix``."""
+    entries = _configs().joinpath(folder).iterdir()
+    return sorted(e.name[: -len(suffix)] for e in entries if e.name.endswith(suffix))
+
+
+def _config_file(family: str):
+    return config_file("models", f"{family}.toml")
 
 
 @functools.lru_cache(maxsize=None)

@@ -276,8 +276,9 @@ class SelectionContext:
 class PruneSession:
     """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill."""
 
-    def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter):
+    def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter, sync_timing: bool = False):
         self.model, self.method, self.adapter = model, method, adapter
+        self.sync_timing = sync_timing  # synchronise CUDA around the selection so its time is real
         self.stage_layers = method.selection_layers()
         self.last: PrefillRecord | None = None
         self._state: _PrefillState | None = None
@@ -437,6 +438,8 @@ class PruneSession:
     def _select(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         state = self._state
         state.hidden_inputs[layer] = hidden
+        if self.sync_timing and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
         started = time.perf_counter()
         chosen = self.method.select(SelectionContext(self, state, layer))
         chosen = torch.as_tensor(chosen, dtype=torch.long, device=state.kept.device).flatten()
@@ -480,6 +483,8 @@ class PruneSession:
             for pos, values in state.hidden_updates:
                 hidden[:, pos] = values.to(hidden.dtype)
             state.hidden_updates.clear()
+        if self.sync_timing and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
         state.selection_seconds += time.perf_counter() - started
         state.hidden_inputs.pop(layer - 1, None)
         state.hidden_inputs.pop(layer, None)
@@ -549,11 +554,14 @@ def resolve_method(model: nn.Module, method: str | PruningMethod, **params: Any)
 
 
 @contextlib.contextmanager
-def prune(model: nn.Module, method: str | PruningMethod, **params: Any) -> Iterator[PruneSession]:
+def prune(model: nn.Module, method: str | PruningMethod, *, sync_timing: bool = False,
+          **params: Any) -> Iterator[PruneSession]:
     """Run ``model`` pruned by ``method`` inside the block; yields a :class:`PruneSession`.
 
     ``method`` is a registered name (``ivcp.available_methods()``) with ``params``, or a method
     object. Bad configuration raises ValueError before anything runs. Batch size 1.
+    ``sync_timing`` synchronises CUDA around the selection so ``selection_seconds`` is exact (the
+    benchmark sets it; it costs two synchronisations per prefill).
     """
     method_obj = resolve_method(model, method, **params)
     attn = getattr(model.config, "_attn_implementation", None)
@@ -561,7 +569,7 @@ def prune(model: nn.Module, method: str | PruningMethod, **params: Any) -> Itera
         raise ValueError(f"ivcp supports the sdpa, eager and flash-attention implementations, not {attn!r}")
     if model in _ACTIVE:
         raise ValueError("this model is already inside an ivcp.prune block")
-    session = PruneSession(model, method_obj, adapter_for(model))
+    session = PruneSession(model, method_obj, adapter_for(model), sync_timing=sync_timing)
     session.attach()
     _ACTIVE.add(model)
     try:

@@ -1,0 +1,420 @@
+"""Efficiency benchmark: KV cache, prefill, decode, total time, peak memory and selection time per
+method, beside the analytic limit (see :mod:`ivcp.analytic`).
+
+All methods run in one process on the same inputs, interleaved (the order rotates every repeat) so
+drift hits all alike, after warm-up runs; each figure is the median of the repeats with min and max.
+On CUDA, forward passes are timed with CUDA events and the selection with synchronisation. Models
+built from bundled architecture configs have random weights: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import analytic
+
+VANILLA = "vanilla"
+
+
+# --- models and inputs -------------------------------------------------------------------------
+
+def bundled_architectures() -> list[str]:
+    from .config import config_names
+
+    return config_names("architectures", ".json")
+
+
+def random_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa"):
+    """A model of a bundled architecture with random weights, built directly on ``device``."""
+    from .config import config_file
+
+    path = config_file("architectures", f"{name}.json")
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}: not 'tiny', a checkpoint directory, or one of the bundled "
+                         f"architectures ({', '.join(bundled_architectures())})")
+    spec = json.loads(path.read_text())
+    if spec["model_type"] == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+    ids = {k: spec[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Config(text_config=spec["text_config"], vision_config=spec["vision_config"], **ids)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = attn
+    with torch.device(device):
+        model = Model._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen's resize rule: both sides multiples of ``factor``, area within [min_pixels, max_pixels],
+    aspect ratio kept as closely as those allow."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def synthetic_inputs(config, image_size: tuple[int, int], prompt_tokens: int = 32, system_tokens: int = 20,
+                     seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Chat-shaped inputs with one image of ``image_size`` (H, W) pixels, built from the config alone
+    (no tokenizer, no processor): random text ids, random pixels of the right shape."""
+    v = config.vision_config
+    patch, merge, temporal = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    h, w = smart_resize(*image_size, factor=patch * merge)
+    gh, gw = h // patch, w // patch
+    n_image = gh * gw // merge ** 2
+    g = torch.Generator().manual_seed(seed)
+    vocab = getattr(config, "text_config", config).vocab_size
+    specials = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    low, high = (32, 127) if vocab < 1000 else (1000, min(vocab, 150000))
+
+    def text(n):
+        ids = torch.randint(low, high, (n,), generator=g)
+        return ids[~torch.isin(ids, torch.tensor(sorted(specials)))]
+
+    input_ids = torch.cat([text(system_tokens), torch.tensor([config.vision_start_token_id]),
+                           torch.full((n_image,), config.image_token_id), torch.tensor([config.vision_end_token_id]),
+                           text(prompt_tokens)])[None]
+    types = (input_ids == config.image_token_id).to(torch.int32)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "mm_token_type_ids": types.to(device),
+        "pixel_values": torch.randn(gh * gw, 3 * temporal * patch * patch, generator=g).to(device, dtype),
+        "image_grid_thw": torch.tensor([[1, gh, gw]]).to(device),
+    }
+
+
+def visual_tokens_to_size(tokens: int, cell: int = 28) -> tuple[int, int]:
+    """An image size (H, W) whose merged grid holds about ``tokens`` tokens (4:3 when it can)."""
+    rows = max(1, round(math.sqrt(tokens * 3 / 4)))
+    cols = max(1, round(tokens / rows))
+    return rows * cell, cols * cell
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+class _ForwardTimer:
+    """Times every top-level forward (CUDA events on GPU, perf_counter on CPU) without syncing."""
+
+    def __init__(self, model, clock: _Clock):
+        self.clock, self.marks = clock, []
+        self.handles = [model.register_forward_pre_hook(lambda *a: self._mark()),
+                        model.register_forward_hook(lambda *a: self._mark())]
+
+    def _mark(self):
+        if self.clock.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        for handle in self.handles:
+            handle.remove()
+        self.clock.sync()
+        pairs = zip(self.marks[0::2], self.marks[1::2])
+        if self.clock.cuda:
+            return [start.elapsed_time(end) / 1000 for start, end in pairs]
+        return [end - start for start, end in pairs]
+
+
+def _layer_tokens(record, n_layers: int, seq_len: int) -> tuple[list[int], list[int]]:
+    """(tokens each layer processes in prefill, KV entries each layer holds after it)."""
+    if record is None or not record.stages:
+        return [seq_len] * n_layers, [seq_len] * n_layers
+    processed = []
+    for layer in range(n_layers):
+        count = seq_len
+        for stage in record.stages:
+            if stage["layer"] <= layer:
+                count = int(stage["kept"].numel())
+        processed.append(count)
+    return processed, list(record.kv_lengths)
+
+
+def run_once(model, inputs: dict, method: str, params: dict, new_tokens: int) -> dict:
+    """One measured run of a method: prefill alone, then generate ``new_tokens``."""
+    import ivcp
+
+    device = next(model.parameters()).device
+    clock = _Clock(device)
+    context = contextlib.nullcontext(None) if method == VANILLA else \
+        ivcp.prune(model, method, sync_timing=True, **params)
+    with torch.no_grad(), context as session:
+        start = clock.now()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        prefill = clock.now() - start
+        kv_per_layer = [int(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size())
+                        for l in out.past_key_values.layers]
+        bytes_per_value = out.past_key_values.layers[0].keys.element_size()
+        record = session.last if session is not None else None
+        del out
+        if clock.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        timer = _ForwardTimer(model, clock)
+        start = clock.now()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        total = clock.now() - start
+        forwards = timer.durations()
+    seq_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    processed, cached = _layer_tokens(record, len(kv_per_layer), seq_len)
+    return {
+        "prefill_s": prefill,
+        "decode_s_per_token": statistics.fmean(forwards[1:]) if len(forwards) > 1 else float("nan"),
+        "total_s": total,
+        "selection_s": record.selection_seconds if record is not None else 0.0,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if clock.cuda else None,
+        "kv_bytes_per_layer": kv_per_layer,
+        "bytes_per_value": bytes_per_value,
+        "n_visual": n_visual,
+        "n_visual_kept": record.n_visual_kept if record is not None else n_visual,
+        "visual_kv_share": record.visual_kv_share if record is not None else 1.0,
+        "processed_per_layer": processed,
+        "cached_per_layer": cached,
+        "seq_len": seq_len,
+    }
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One row of the report: a method with parameters on one input size."""
+
+    method: str
+    params: dict[str, Any]
+    image_size: tuple[int, int]
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method}({extra})" if extra else self.method
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+def plan(methods: list[str], keep_ratios: list[float] | None, image_sizes: list[tuple[int, int]]) -> list[Case]:
+    """Cases: each method at each image size; methods with a keep_ratio at each asked ratio."""
+    from .methods import method_class
+
+    for method in methods:
+        if method != VANILLA:
+            method_class(method)  # a clear error for an unknown name
+    for ratio in keep_ratios or []:
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"keep ratios must be in [0, 1], got {ratio}")
+    cases = []
+    for size in image_sizes:
+        for method in methods:
+            has_ratio = method != VANILLA and "keep_ratio" in method_class(method).__dataclass_fields__
+            for ratio in (keep_ratios if keep_ratios and has_ratio else [None]):
+                cases.append(Case(method, {} if ratio is None else {"keep_ratio": ratio}, size))
+    return cases
+
+
+def run(model, cases: list[Case], repeats: int = 3, warmup: int = 1, new_tokens: int = 16, prompt_tokens: int = 32,
+        seed: int = 0, log=print) -> list[Case]:
+    """Measure every case ``repeats`` times after ``warmup`` rounds, interleaved and rotated."""
+    import ivcp
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    for case in cases:  # bad names and parameters fail before any compute
+        if case.method != VANILLA:
+            ivcp.resolve_method(model, case.method, **case.params)
+    inputs = {size: synthetic_inputs(model.config, size, prompt_tokens, seed=seed, device=str(device), dtype=dtype)
+              for size in {c.image_size for c in cases}}
+    torch.manual_seed(seed)
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            sample = run_once(model, inputs[case.image_size], case.method, case.params, new_tokens)
+            if round_index >= warmup:
+                case.samples.append(sample)
+        log(f"round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''} done")
+    return cases
+
+
+def summarise(model, cases: list[Case]) -> list[dict]:
+    """Medians, KV bytes measured and analytic, FLOPs and the ideal ratios against vanilla."""
+    text = analytic.TextArch.from_config(model.config)
+    vision = analytic.VisionArch.from_config(model.config)
+    rows = []
+    baselines: dict[tuple[int, int], dict] = {}
+    for case in cases:
+        first = case.samples[0]
+        bpv = first["bytes_per_value"]
+        h, w = smart_resize(*case.image_size, factor=model.config.vision_config.patch_size * 2)
+        grid = [(1, h // model.config.vision_config.patch_size, w // model.config.vision_config.patch_size)]
+        vision_flops = analytic.vision_flops(vision, grid)
+        llm_flops = analytic.llm_prefill_flops(text, first["processed_per_layer"])
+        decode_cache = [c + 1 for c in first["cached_per_layer"]]
+        row = {
+            "method": case.method, "params": case.params, "label": case.label, "image_size": list(case.image_size),
+            "seq_len": first["seq_len"], "n_visual": first["n_visual"], "n_visual_kept": first["n_visual_kept"],
+            "visual_kv_share": first["visual_kv_share"],
+            "kv_bytes_per_layer": first["kv_bytes_per_layer"], "kv_bytes": sum(first["kv_bytes_per_layer"]),
+            "kv_bytes_analytic": analytic.kv_bytes(text, first["cached_per_layer"], bpv),
+            "prefill_ms": _stats([s["prefill_s"] * 1e3 for s in case.samples]),
+            "decode_ms_per_token": _stats([s["decode_s_per_token"] * 1e3 for s in case.samples]),
+            "total_ms": _stats([s["total_s"] * 1e3 for s in case.samples]),
+            "selection_ms": _stats([s["selection_s"] * 1e3 for s in case.samples]),
+            "peak_memory_bytes": first["peak_memory_bytes"],
+            "flops_vision": vision_flops, "flops_llm_prefill": llm_flops,
+            "decode_bytes_per_token": analytic.decode_bytes(text, decode_cache, bpv),
+        }
+        if case.method == VANILLA:
+            baselines[case.image_size] = row
+        rows.append(row)
+    for row in rows:
+        base = baselines.get(tuple(row["image_size"]))
+        if base is None:
+            continue
+        ideal_prefill = (base["flops_vision"] + base["flops_llm_prefill"]) / (row["flops_vision"] + row["flops_llm_prefill"])
+        measured_prefill = base["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+        ideal_decode = row["decode_bytes_per_token"] / base["decode_bytes_per_token"]
+        measured_decode = row["decode_ms_per_token"]["median"] / base["decode_ms_per_token"]["median"]
+        row.update(ideal_prefill_speedup=ideal_prefill, measured_prefill_speedup=measured_prefill,
+                   prefill_speedup_vs_ideal=measured_prefill / ideal_prefill,
+                   ideal_decode_ratio=ideal_decode, measured_decode_ratio=measured_decode,
+                   selection_share_of_prefill=row["selection_ms"]["median"] / row["prefill_ms"]["median"])
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _fmt(stats: dict[str, float], digits: int = 1) -> str:
+    return f"{stats['median']:.{digits}f} [{stats['min']:.{digits}f}–{stats['max']:.{digits}f}]"
+
+
+def markdown(report: dict) -> str:
+    """Table 3's layout: method, tokens, KV cache, prefill, decode, total; then the ideal columns."""
+    lines = [f"# Efficiency: {report['model']} ({report['device']}, {report['dtype']})", "",
+             f"{report['note']}", "",
+             f"Run {report['date']} on {report['machine']['platform']} ({report['machine']['processor']}, "
+             f"{report['machine'].get('gpu', 'no GPU')}), torch {report['machine']['torch']}, transformers "
+             f"{report['machine']['transformers']}. {report['repeats']} repeats after {report['warmup']} warm-up, "
+             f"median [min–max]; {report['new_tokens']} new tokens; prompt of {report['prompt_tokens']} text tokens.", "",
+             f"Command: `{report['command']}`", ""]
+    sizes = sorted({tuple(r["image_size"]) for r in report["rows"]})
+    for size in sizes:
+        rows = [r for r in report["rows"] if tuple(r["image_size"]) == size]
+        lines += [f"## Image {size[1]}×{size[0]} px ({rows[0]['n_visual']} visual tokens, {rows[0]['seq_len']} in all)", "",
+                  "| Method | Avg. tokens | KV cache (MB) | Prefill (ms) | Decode (ms/token) | Total (ms) | Selection (ms) "
+                  "| Prefill speed-up: measured / ideal | Decode: measured / ideal | KV = analytic |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            speed = (f"{r['measured_prefill_speedup']:.2f}× / {r['ideal_prefill_speedup']:.2f}× "
+                     f"({r['prefill_speedup_vs_ideal']:.0%})") if "ideal_prefill_speedup" in r else "–"
+            decode = f"{r['measured_decode_ratio']:.2f} / {r['ideal_decode_ratio']:.2f}" if "ideal_decode_ratio" in r else "–"
+            lines.append(f"| {r['label']} | {r['visual_kv_share']:.1%} | {r['kv_bytes'] / 1e6:.2f} | {_fmt(r['prefill_ms'])} "
+                         f"| {_fmt(r['decode_ms_per_token'], 2)} | {_fmt(r['total_ms'], 0)} | {_fmt(r['selection_ms'], 2)} "
+                         f"| {speed} | {decode} | {'yes' if r['kv_bytes'] == r['kv_bytes_analytic'] else 'NO'} |")
+        lines.append("")
+    lines += ["Avg. tokens: share of the visual KV entries kept over all layers (the paper's \"Average Tokens\").",
+              "Ideal prefill speed-up: FLOPs of vanilla / FLOPs of the method (vision tower + every LLM layer for "
+              "the tokens it processes). Ideal decode ratio: bytes read per token (weights + KV) of the method / "
+              "vanilla's. See ivcp/analytic.py.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    """Prefill time and KV bytes against the visual tokens kept, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = sorted({r["method"] for r in report["rows"]}, key=lambda m: (m != VANILLA, m))
+    for size in sorted({tuple(r["image_size"]) for r in report["rows"]}):
+        for method in methods:
+            rows = sorted((r for r in report["rows"] if r["method"] == method and tuple(r["image_size"]) == size),
+                          key=lambda r: r["visual_kv_share"])
+            if not rows:
+                continue
+            x = [100 * r["visual_kv_share"] for r in rows]
+            style = dict(marker="o", label=f"{method} {size[1]}×{size[0]}")
+            axes[0].plot(x, [r["prefill_ms"]["median"] for r in rows], **style)
+            axes[1].plot(x, [r["kv_bytes"] / 1e6 for r in rows], **style)
+    axes[0].set(xlabel="visual KV kept (%)", ylabel="prefill (ms, median)", title="Prefill")
+    axes[1].set(xlabel="visual KV kept (%)", ylabel="KV cache (MB)", title="KV cache after prefill")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{report['model']} on {report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(report: dict, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str))
+    paths["markdown"].write_text(markdown(report))
+    png = plot(report, out / "bench.png")
+    if png is not None:
+        paths["plot"] = png
+    return paths
+
+
+def report_for(model_name: str, model, rows: list[dict], args: dict, command: str) -> dict:
+    device = next(model.parameters()).device
+    return {
+        "model": model_name, "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+        "note": ("Weights: random (a bundled architecture or the tiny model); speed does not depend on the weights' "
+                 "values." if not Path(model_name).exists() else "Weights: the checkpoint given."),
+        "command": command, "rows": rows, **args,
+    }

@@ -1,0 +1,112 @@
+"""The benchmark: analytic counts by hand, KV bytes against the formula, report contents."""
+
+import json
+
+import pytest
+import torch
+
+from ivcp import analytic, bench
+from ivcp.cli import main
+
+from conftest import get_model
+
+TOY = analytic.TextArch(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10)
+
+
+def test_llm_prefill_flops_by_hand():
+    # per token: 2 * (4*2*2 [q] + 2*4*1*2 [k, v] + 2*2*4 [o] + 3*4*8 [mlp]) = 2 * (16 + 16 + 16 + 96) = 288
+    assert TOY.linear_per_token == 288
+    # layer 0, 3 tokens: 3*288 + 4*2*2 * (3*4/2) = 864 + 96 = 960
+    # layer 1, 2 tokens: 2*288 + 16 * (2*3/2) = 576 + 48 = 624;  LM head on one token: 2*4*10 = 80
+    assert analytic.llm_prefill_flops(TOY, [3, 2]) == 960 + 624 + 80
+    # decoding with caches of 4 and 3 entries: 288 + 16*4 + 288 + 16*3 + 80
+    assert analytic.llm_decode_flops(TOY, [4, 3]) == 288 + 64 + 288 + 48 + 80
+
+
+def test_kv_and_decode_bytes_by_hand():
+    # 2 (K, V) * 1 head * 2 dims * 2 bytes * (5 + 3) tokens = 64
+    assert analytic.kv_bytes(TOY, [5, 3], 2) == 64
+    # weights: 2 layers * 144 + 4 * 10 = 328 values
+    assert TOY.weight_count == 328
+    assert analytic.decode_bytes(TOY, [5, 3], 2) == 328 * 2 + 64
+
+
+def test_vision_flops_by_hand():
+    toy = analytic.VisionArch(depth=2, dim=2, intermediate=3, gated=True, full_attention_blocks=(1,),
+                              window_merged=1, merge=2, out_dim=5)
+    # one image of 4 x 4 patches (16 patches, 4 merged tokens); windows of 1 merged token = 4 patches
+    assert analytic.window_spans(4, 4, 1, 2) == [4, 4, 4, 4]
+    linear = 2 * 16 * 4 * 2 * 2  # qkv + proj: 2 * P * 4 * D^2 = 512
+    mlp = 3 * 2 * 16 * 2 * 3  # gated: 576
+    window_attention = 4 * 2 * (4 * 4 ** 2)  # block 0: 4 windows of 4 patches = 512
+    full_attention = 4 * 2 * 16 ** 2  # block 1: one frame of 16 patches = 2048
+    merger = 2 * 4 * (8 * 8 + 8 * 5)  # 4 merged tokens: 4D x 4D then 4D x out = 832
+    assert analytic.vision_flops(toy, [(1, 4, 4)]) == 2 * (linear + mlp) + window_attention + full_attention + merger
+
+
+def test_smart_resize_matches_the_rule():
+    assert bench.smart_resize(336, 448) == (336, 448)
+    assert bench.smart_resize(300, 400) == (308, 392)  # rounded to multiples of 28
+    h, w = bench.smart_resize(20000, 20000)
+    assert h * w <= 16384 * 28 * 28 and h % 28 == 0 and w % 28 == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    model, _ = get_model("qwen2_5_vl")
+    cases = bench.plan(["vanilla", "fastv", "ivc_prune", "pdrop", "vscan"], [0.25, 0.5], [(168, 224)])
+    cases = bench.run(model, cases, repeats=2, warmup=1, new_tokens=4, log=lambda *_: None)
+    return model, bench.summarise(model, cases)
+
+
+def test_kv_bytes_equal_the_formula_for_every_policy(tiny_report):
+    model, rows = tiny_report
+    text = model.config.text_config
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # float32
+    by_label = {r["label"]: r for r in rows}
+    n = by_label["vanilla"]["seq_len"]
+    assert by_label["vanilla"]["kv_bytes"] == 4 * n * per_token
+    # FastV at K = 2 keeps 12 of 48 (0.25): layers 0-1 full, 2-3 cut
+    assert by_label["fastv(keep_ratio=0.25)"]["kv_bytes"] == (2 * n + 2 * (n - 36)) * per_token
+    # IVC-Prune cuts every layer: 24 of 48 kept (0.5)
+    assert by_label["ivc_prune(keep_ratio=0.5)"]["kv_bytes"] == 4 * (n - 24) * per_token
+    for row in rows:
+        assert row["kv_bytes"] == row["kv_bytes_analytic"] == sum(row["kv_bytes_per_layer"])
+
+
+def test_report_lists_every_case_with_medians_of_the_repeats(tiny_report, tmp_path):
+    model, rows = tiny_report
+    assert [r["label"] for r in rows] == ["vanilla", "fastv(keep_ratio=0.25)", "fastv(keep_ratio=0.5)",
+                                          "ivc_prune(keep_ratio=0.25)", "ivc_prune(keep_ratio=0.5)", "pdrop", "vscan"]
+    for row in rows:
+        for key in ("prefill_ms", "decode_ms_per_token", "total_ms", "selection_ms"):
+            samples = row[key]["samples"]
+            assert len(samples) == 2
+            assert row[key]["median"] == pytest.approx(sum(samples) / 2)  # the median of two
+            assert row[key]["min"] == min(samples) and row[key]["max"] == max(samples)
+        assert row["ideal_prefill_speedup"] >= 1.0 or row["method"] == "vanilla"
+    assert rows[0]["ideal_prefill_speedup"] == 1.0
+    report = bench.report_for("tiny", model, rows, {"repeats": 2, "warmup": 1, "new_tokens": 4, "prompt_tokens": 32},
+                              "test")
+    paths = bench.write(report, tmp_path)
+    table = paths["markdown"].read_text()
+    assert all(f"| {r['label']} |" in table for r in rows)
+    assert json.loads(paths["json"].read_text())["rows"][0]["label"] == "vanilla"
+
+
+def test_cli_bench_runs_and_rejects_bad_input(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny", "--methods", "vanilla,ivc_prune", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--image-sizes", "224x168", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.md").is_file() and (tmp_path / "bench.json").is_file()
+    assert main(["bench", "--model", "tiny", "--methods", "vanilla,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--model", "llama_70b", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'llama_70b'" in capsys.readouterr().err
+
+
+def test_bundled_architectures_build_on_meta():
+    # the 7B layout builds without memory on the meta device, with the public sizes
+    model = bench.random_model("qwen2_5_vl_7b", device="meta", dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    assert 8.0e9 < params < 8.6e9  # Qwen2.5-VL-7B has about 8.3 B parameters
+    assert model.config.text_config.num_hidden_layers == 28
