@@ -377,14 +377,16 @@ def plot(report: dict, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = sorted({r["method"] for r in report["rows"]}, key=lambda m: (m != VANILLA, m))
-    for size in sorted({tuple(r["image_size"]) for r in report["rows"]}):
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for s_index, size in enumerate(sorted({tuple(r["image_size"]) for r in report["rows"]})):
         for method in methods:
             rows = sorted((r for r in report["rows"] if r["method"] == method and tuple(r["image_size"]) == size),
                           key=lambda r: r["visual_kv_share"])
             if not rows:
                 continue
             x = [100 * r["visual_kv_share"] for r in rows]
-            style = dict(marker="o", label=f"{method} {size[1]}×{size[0]}")
+            style = dict(marker="os^v"[s_index % 4], linestyle=["-", "--", ":", "-."][s_index % 4],
+                         color=colours[method], label=f"{method} {size[1]}×{size[0]}")
             axes[0].plot(x, [r["prefill_ms"]["median"] for r in rows], **style)
             axes[1].plot(x, [r["kv_bytes"] / 1e6 for r in rows], **style)
     axes[0].set(xlabel="visual KV kept (%)", ylabel="prefill (ms, median)", title="Prefill")
