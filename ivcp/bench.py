@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import analytic
+from .adapters.qwen2_5_vl import smart_resize
 
 VANILLA = "vanilla"
 
@@ -55,23 +56,6 @@ def random_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bflo
     with torch.device(device):
         model = Model._from_config(config, dtype=dtype)
     return model.eval()
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
-    """Qwen's resize rule: both sides multiples of ``factor``, area within [min_pixels, max_pixels],
-    aspect ratio kept as closely as those allow."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 def synthetic_inputs(config, image_size: tuple[int, int], prompt_tokens: int = 32, system_tokens: int = 20,

@@ -162,6 +162,14 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_grounding(args: argparse.Namespace) -> int:
+    from ivcp.data.grounding import make_grounding as make
+
+    for path in make(args.out, per_split=args.per_split, seed=args.seed):
+        print(path)
+    return 0
+
+
 def list_methods(args: argparse.Namespace) -> int:
     import ivcp
     from ivcp.methods import method_class
@@ -237,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="outputs/bench")
     p.set_defaults(func=bench)
+
+    p = sub.add_parser("data", help="synthetic datasets in VLMEvalKit's TSV format")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("make-grounding", help="RefCOCO-format TSVs for every grounding split (generated shapes)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--per-split", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=make_grounding)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
     p.set_defaults(func=list_methods)

@@ -10,10 +10,32 @@ gives its frames one after the other. Rotary: M-RoPE with ``mrope_section`` over
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .base import ModelAdapter, RopeSpec, Segment, register_adapter
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen-VL's resize rule: both sides multiples of ``factor`` (patch 14 × merge 2), area within
+    [min_pixels, max_pixels], aspect ratio kept as closely as those allow. Returns (height, width).
+    Defaults: the pixel bounds of the reference grounding runs (4·28² … 16384·28²)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
 
 
 @register_adapter

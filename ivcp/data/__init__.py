@@ -1,0 +1,1 @@
+"""Data tools: synthetic datasets in VLMEvalKit's TSV format (no downloads)."""

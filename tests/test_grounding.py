@@ -1,0 +1,120 @@
+"""Grounding answers, boxes, metrics and the synthetic RefCOCO-format data."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from ivcp.data.grounding import COLOURS, decode_image, make_grounding, read_tsv
+from ivcp.eval.grounding import GROUNDING_SPLITS, ParsedBox, grounding_prompt, grounding_scores, iou, parse_box, smart_resize
+
+
+def test_prompt_is_the_papers():
+    assert grounding_prompt(" the red circle ") == \
+        "Locate the red circle and output the bbox coordinates in JSON format."
+
+
+def test_smart_resize_by_hand():
+    assert smart_resize(480, 640) == (476, 644)  # 17.14 -> 17 x 28, 22.86 -> 23 x 28
+    assert smart_resize(28, 28, min_pixels=4 * 28 * 28) == (56, 56)  # raised to the minimum area
+    with pytest.raises(ValueError, match="must be positive"):
+        smart_resize(0, 10)
+
+
+ORIGINAL, RESIZED = (640, 480), (644, 476)
+
+
+@pytest.mark.parametrize("text,expected_raw", [
+    ('```json\n[\n\t{"bbox_2d": [100, 50, 322, 238], "label": "the cat"}\n]\n```', (100, 50, 322, 238)),
+    ('{"bbox_2d": [100, 50, 322, 238]}', (100, 50, 322, 238)),
+    ('The box is [100, 50, 322, 238].', (100, 50, 322, 238)),
+    ('[100.0, 50.5, 322, 238]', (100.0, 50.5, 322, 238)),
+    ('[{"label": "x"}, {"bbox_2d": [1, 2, 3, 4]}]', (1, 2, 3, 4)),
+])
+def test_qwen25_formats(text, expected_raw):
+    parsed = parse_box(text, "resized_pixels", ORIGINAL, RESIZED)
+    assert parsed.raw == expected_raw
+    sx, sy = 640 / 644, 480 / 476
+    x1, y1, x2, y2 = expected_raw
+    assert parsed.box == pytest.approx((x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+
+
+def test_qwen2_normalised_box():
+    parsed = parse_box("<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,250),(500,750)<|box_end|>",
+                       "norm1000", ORIGINAL)
+    assert parsed.box == pytest.approx((64.0, 120.0, 320.0, 360.0))
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty answer"),
+    ("I cannot see it.", "no box found"),
+    ('{"bbox_2d": [1, 2, 3]}', "no box found"),
+    ("[10, 10, 10, 40]", "empty box"),
+    ("[inf, 1, 2, 3]", "no box found"),
+])
+def test_malformed_answers_give_no_box(text, reason):
+    parsed = parse_box(text, "resized_pixels", ORIGINAL, RESIZED)
+    assert parsed.box is None and parsed.reason == reason
+
+
+def test_boxes_are_clipped_and_ordered():
+    parsed = parse_box("[700, 500, -20, 10]", "resized_pixels", ORIGINAL, RESIZED)
+    assert parsed.box == pytest.approx((0.0, 10 * 480 / 476, 640.0, 480.0))
+    with pytest.raises(ValueError, match="box convention"):
+        parse_box("[1, 2, 3, 4]", "pixels", ORIGINAL)
+
+
+def test_iou_by_hand():
+    assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching edges
+    assert iou((0, 0, 4, 4), (1, 1, 3, 3)) == pytest.approx(4 / 16)
+
+
+def test_accuracy_on_a_hand_built_prediction_file():
+    gt = (0, 0, 10, 10)
+    rows = [
+        {"split": "RefCOCO_val", "prediction": (0, 0, 10, 10), "gt": gt},  # IoU 1
+        {"split": "RefCOCO_val", "prediction": (0, 0, 10, 5), "gt": gt},  # IoU 0.5: counts (>=)
+        {"split": "RefCOCO_val", "prediction": (5, 5, 15, 15), "gt": gt},  # IoU 0.143
+        {"split": "RefCOCO_val", "prediction": ParsedBox(None, None, "no box found"), "gt": gt},
+        {"split": "RefCOCO_testA", "prediction": (0, 0, 10, 10), "gt": gt},
+    ]
+    scores = grounding_scores(rows)
+    assert scores["RefCOCO_val"]["acc"] == 50.0
+    assert scores["RefCOCO_val"]["miou"] == pytest.approx((1 + 0.5 + 25 / 175 + 0) / 4)
+    assert scores["RefCOCO_val"]["unparsed"] == 1 and scores["RefCOCO_val"]["n"] == 4
+    assert scores["RefCOCO_testA"] == {"acc": 100.0, "miou": 1.0, "n": 1, "unparsed": 0}
+
+
+def test_make_grounding_writes_every_split_deterministically(tmp_path):
+    paths = make_grounding(tmp_path / "a", per_split=3, seed=1)
+    again = make_grounding(tmp_path / "b", per_split=3, seed=1)
+    assert [p.name for p in paths] == [f"{s}.tsv" for s in GROUNDING_SPLITS] + ["RefCOCO.tsv"]
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert [digest(p) for p in paths] == [digest(p) for p in again]
+    aggregated = read_tsv(tmp_path / "a" / "RefCOCO.tsv")
+    assert len(aggregated) == 3 * len(GROUNDING_SPLITS)
+    assert {row["category"] for row in aggregated} == {s.replace("_", " ") for s in GROUNDING_SPLITS}
+    assert [int(r["index"]) for r in aggregated] == list(range(len(aggregated)))
+
+
+def test_grounding_samples_are_right(tmp_path):
+    make_grounding(tmp_path, per_split=6, seed=0, splits=("RefCOCO_val",))
+    for row in read_tsv(tmp_path / "RefCOCO_val.tsv"):
+        image = decode_image(row["image"])
+        assert image.size == (int(row["width"]), int(row["height"]))
+        x1, y1, x2, y2 = (int(row[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
+        assert row["answer"] == f"[{x1}, {y1}, {x2}, {y2}]"
+        assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
+        colour = row["question"].split()[1]
+        # the middle of the lower part of the box is inside every shape kind (square, circle, triangle)
+        pixel = np.asarray(image)[(y1 + 3 * (y2 - y1) // 4), (x1 + x2) // 2]
+        assert tuple(pixel) == COLOURS[colour]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="per_split"):
+        make_grounding(tmp_path, per_split=0)
+    with pytest.raises(ValueError, match="unknown split"):
+        make_grounding(tmp_path, splits=("RefCOCO_train",))
