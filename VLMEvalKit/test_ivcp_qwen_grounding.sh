@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Grounding (RefCOCO / RefCOCO+ / RefCOCOg, Acc@0.5) of Qwen-VL models pruned by ivcp, through the
+# pip-installed VLMEvalKit. Real run, e.g. on 8 GPUs:
+#
+#   export LMUData=/data/LMUData        # RefCOCO_testA.tsv ... RefCOCOg_val.tsv, or the aggregated RefCOCO.tsv
+#   export IVCP_MODEL_ROOT=/models      # folders named like Qwen2.5-VL-7B-Instruct (else hub ids; HF_HUB_OFFLINE is honoured)
+#   bash VLMEvalKit/test_ivcp_qwen_grounding.sh --models "Qwen2.5-VL-7B-Instruct" \
+#        --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --nproc 8
+#
+# Outputs go to $IVCP_WORK_DIR (default ./outputs): vlmeval/ (VLMEvalKit's), ivcp_stats/, results/.
+# The embedded default: with no LMUData set, small synthetic TSVs are generated and the tiny offline
+# model (random weights) runs vanilla, FastV, PDrop, VScan and IVC-Prune end to end; the table is printed.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+MODELS=""; METHODS=""
+DATA="RefCOCO_testA RefCOCO_testB RefCOCO_val RefCOCO+_testA RefCOCO+_testB RefCOCO+_val RefCOCOg_test RefCOCOg_val"
+parse_args "$@"
+if [ -z "${LMUData:-}" ]; then
+  export LMUData="$WORK/lmudata"
+  echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny random model)"
+  "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-3}" > /dev/null
+  MODELS=${MODELS:-Qwen2.5-VL-Tiny}
+  METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}
+fi
+MODELS=${MODELS:-Qwen2.5-VL-7B-Instruct}
+METHODS=${METHODS:-vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune}
+launch
+tables grounding table1_grounding.csv

@@ -1,0 +1,184 @@
+"""Result tables in the paper's layout, from VLMEvalKit output folders (no VLMEvalKit import).
+
+- Tab. 1 (grounding): a row per method: Average Tokens, Acc@0.5 per split, Rel. Avg.
+- Tab. 2 (general VQA): a row per method: Average Tokens, the benchmark's primary score, Rel. Avg.
+Rel. Avg. = mean over benchmarks of (method score / vanilla score), in percent; a benchmark where
+vanilla scored 0 is left out of it. Each table carries how it was made (models, methods, date,
+machine) and, when given, the paper's row beside ours with the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import platform
+from pathlib import Path
+
+from .eval.grounding import GROUNDING_SPLITS
+
+# method name (ivcp) → VLMEvalKit model-name suffix and the paper's label
+METHOD_SUFFIX = {"vanilla": "", "fastv": "_FastV", "window_fastv": "_WFastV", "pdrop": "_PDrop", "vscan": "_VScan",
+                 "ivc_prune": "_IVCP", "adaptprune": "_AdaptPrune", "random": "_Random"}
+PAPER_LABEL = {"vanilla": "Vanilla", "fastv": "FastV", "window_fastv": "W-FastV", "pdrop": "PDrop", "vscan": "VScan",
+               "ivc_prune": "IVC-Prune"}
+GENERAL_VQA = ("SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "MME", "POPE", "HallusionBench",
+               "TextVQA_VAL", "AI2D_TEST")
+
+
+def model_name(base: str, method: str) -> str:
+    if method not in METHOD_SUFFIX:
+        raise ValueError(f"unknown method {method!r} for result tables; known: {', '.join(METHOD_SUFFIX)}")
+    return base + METHOD_SUFFIX[method]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def grounding_score(work_dir: Path, model: str, split: str) -> tuple[float | None, float | None]:
+    """(Acc@0.5, average visual-token share) of one model on one split, from ivcp's score file."""
+    path = Path(work_dir) / model / f"{model}_{split}_acc.csv"
+    if not path.is_file():
+        return None, None
+    row = _read_csv(path)[0]
+    share = row.get("avg_tokens")
+    return float(row["Acc@0.5"]), float(share) if share not in (None, "", "nan", "None") else None
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def general_score(work_dir: Path, model: str, dataset: str) -> float | None:
+    """The primary score VLMEvalKit wrote for a general benchmark (our reading of its score files):
+    the "Overall" entry of ``*_acc.csv`` / ``*_score.csv`` (json too); MME: perception + reasoning;
+    HallusionBench: the mean of aAcc, fAcc and qAcc."""
+    folder = Path(work_dir) / model
+    for suffix in ("_acc.csv", "_score.csv", "_acc.json", "_score.json"):
+        path = folder / f"{model}_{dataset}{suffix}"
+        if not path.is_file():
+            continue
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            rows = [data] if isinstance(data, dict) else data
+        else:
+            rows = _read_csv(path)
+        flat: dict[str, float] = {}
+        for row in rows:
+            label = next((str(v) for v in row.values() if _number(v) is None), None)
+            for key, value in row.items():
+                number = _number(value)
+                if number is not None:
+                    flat.setdefault(key, number)
+                    if label is not None:
+                        flat.setdefault(f"{label}/{key}", number)
+        if dataset == "MME" and {"perception", "reasoning"} <= set(flat):
+            return flat["perception"] + flat["reasoning"]
+        if dataset == "HallusionBench":
+            parts = [v for k, v in flat.items() if k.split("/")[-1] in ("aAcc", "fAcc", "qAcc") and k.startswith("Overall")]
+            if len(parts) == 3:
+                return sum(parts) / 3
+        for key in ("Overall", "overall"):
+            if key in flat:
+                return flat[key]
+            matches = [v for k, v in flat.items() if k.startswith(f"{key}/")]
+            if matches:
+                return matches[0]
+    return None
+
+
+def build_table(work_dir: str | Path, base_model: str, methods: list[str], benchmarks: list[str], kind: str) -> list[dict]:
+    """Rows (dicts) of a table; scores None when a run is missing."""
+    if kind not in ("grounding", "general"):
+        raise ValueError(f"table kind must be grounding or general, got {kind!r}")
+    rows = []
+    for method in methods:
+        name = model_name(base_model, method)
+        scores, shares = {}, []
+        for bench in benchmarks:
+            if kind == "grounding":
+                score, share = grounding_score(Path(work_dir), name, bench)
+                if share is not None:
+                    shares.append(share)
+            else:
+                score = general_score(Path(work_dir), name, bench)
+            scores[bench] = score
+        rows.append({"method": method, "model": name, "avg_tokens": sum(shares) / len(shares) if shares else None,
+                     "scores": scores})
+    vanilla = next((r for r in rows if r["method"] == "vanilla"), None)
+    for row in rows:
+        row["rel_avg"] = relative_average(row["scores"], vanilla["scores"]) if vanilla else None
+    return rows
+
+
+def relative_average(scores: dict[str, float | None], reference: dict[str, float | None]) -> float | None:
+    """Mean over benchmarks of score / reference, in percent (benchmarks missing or with a 0 reference skipped)."""
+    ratios = [scores[b] / reference[b] for b in scores
+              if scores.get(b) is not None and reference.get(b) not in (None, 0)]
+    return 100.0 * sum(ratios) / len(ratios) if ratios else None
+
+
+def paper_rows(path: str | Path, paper_model: str) -> dict[str, dict]:
+    """The paper's rows for one model, keyed by the paper's method label."""
+    rows = _read_csv(Path(path))
+    return {r["method"]: r for r in rows if r["model"] == paper_model}
+
+
+def _fmt(value: float | None, digits: int = 1, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}{'%' if percent else ''}"
+
+
+def render(rows: list[dict], benchmarks: list[str], title: str, provenance: dict, paper: dict[str, dict] | None = None
+           ) -> tuple[str, list[list[str]]]:
+    """(markdown, csv rows) of a table; with ``paper``, each method gets a paper row and a Δ row."""
+    header = ["Method", "Avg. tokens", *benchmarks, "Rel. Avg."]
+    table = [header]
+    for row in rows:
+        share = None if row["avg_tokens"] is None else 100 * row["avg_tokens"]
+        table.append([row["method"], _fmt(share, 0, True), *[_fmt(row["scores"][b]) for b in benchmarks],
+                      _fmt(row["rel_avg"], 1, True)])
+        theirs = (paper or {}).get(PAPER_LABEL.get(row["method"], ""))
+        if theirs:
+            table.append([f"  paper: {theirs['method']}", theirs.get("avg_tokens", ""),
+                          *[theirs.get(b, "") for b in benchmarks], theirs.get("rel_avg", "")])
+            deltas = []
+            for b in benchmarks:
+                ours, published = row["scores"][b], _number(str(theirs.get(b, "")).rstrip("%"))
+                deltas.append("–" if ours is None or published is None else f"{ours - published:+.1f}")
+            table.append(["  Δ ours − paper", "", *deltas, ""])
+    lines = [f"# {title}", "", *(f"- {k}: {v}" for k, v in provenance.items()), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    return "\n".join(lines) + "\n", table
+
+
+def provenance(base_model: str, methods: list[str], work_dir: str | Path, note: str = "") -> dict:
+    import torch
+
+    info = {"model": base_model, "methods": ", ".join(methods), "VLMEvalKit outputs": str(work_dir),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.platform()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
+    if note:
+        info["note"] = note
+    return info
+
+
+def write(markdown: str, table: list[list[str]], out: str | Path, stem: str) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(markdown)
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(table)
+    return [md, csv_path]
+
+
+def default_benchmarks(kind: str) -> list[str]:
+    return list(GROUNDING_SPLITS if kind == "grounding" else GENERAL_VQA)

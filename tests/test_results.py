@@ -1,0 +1,82 @@
+"""Result collection on hand-built VLMEvalKit output folders (no VLMEvalKit needed)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ivcp import results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _score_file(work, model, split, acc, share):
+    folder = work / model
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{model}_{split}_acc.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["split", "Acc@0.5", "mIoU", "n", "unparsed", "avg_tokens"])
+        writer.writerow([split, acc, 0.5, 10, 0, share])
+
+
+def test_grounding_table_and_relative_average(tmp_path):
+    base = "Qwen2.5-VL-7B-Instruct"
+    _score_file(tmp_path, base, "RefCOCO_testA", 90.0, 1.0)
+    _score_file(tmp_path, base, "RefCOCO_val", 80.0, 1.0)
+    _score_file(tmp_path, base + "_IVCP", "RefCOCO_testA", 81.0, 0.5)
+    _score_file(tmp_path, base + "_IVCP", "RefCOCO_val", 80.0, 0.52)
+    _score_file(tmp_path, base + "_FastV", "RefCOCO_testA", 45.0, 0.54)  # RefCOCO_val run missing
+    rows = results.build_table(tmp_path, base, ["vanilla", "ivc_prune", "fastv"], ["RefCOCO_testA", "RefCOCO_val"],
+                               "grounding")
+    by = {r["method"]: r for r in rows}
+    # (81/90 + 80/80) / 2 = (0.9 + 1.0) / 2 = 95 %
+    assert by["ivc_prune"]["rel_avg"] == pytest.approx(95.0)
+    assert by["ivc_prune"]["avg_tokens"] == pytest.approx(0.51)
+    assert by["vanilla"]["rel_avg"] == pytest.approx(100.0)
+    # a missing run is shown as missing and left out of the average: 45/90 = 50 %
+    assert by["fastv"]["scores"]["RefCOCO_val"] is None and by["fastv"]["rel_avg"] == pytest.approx(50.0)
+    paper = results.paper_rows(ROOT / "results/paper/table1_grounding.csv", "Qwen2.5-VL 7B")
+    markdown, table = results.render(rows, ["RefCOCO_testA", "RefCOCO_val"], "t", {"model": base}, paper)
+    assert "| ivc_prune | 51% | 81.0 | 80.0 | 95.0% |" in markdown
+    paper_ivc = next(r for r in table if r[0] == "  paper: IVC-Prune")
+    delta = table[table.index(paper_ivc) + 1]
+    assert delta[2] == f"{81.0 - float(paper_ivc[2]):+.1f}"
+
+
+def test_relative_average_skips_zero_references():
+    assert results.relative_average({"a": 5.0, "b": 3.0}, {"a": 0.0, "b": 6.0}) == pytest.approx(50.0)
+    assert results.relative_average({"a": 5.0}, {"a": 0.0}) is None
+
+
+def test_general_scores_from_vlmevalkit_files(tmp_path):
+    model = "M_IVCP"
+    folder = tmp_path / model
+    folder.mkdir()
+    (folder / f"{model}_MMStar_acc.csv").write_text("split,Overall,coarse perception\nnone,0.642,0.7\n")
+    (folder / f"{model}_MME_score.csv").write_text("perception,reasoning\n1700.5,610.1\n")
+    (folder / f"{model}_HallusionBench_score.csv").write_text(
+        "split,aAcc,fAcc,qAcc\nOverall,60.0,30.0,40.0\nVD,1,2,3\n")
+    (folder / f"{model}_POPE_score.json").write_text(json.dumps({"Overall": 86.9, "acc": 88.0}))
+    assert results.general_score(tmp_path, model, "MMStar") == pytest.approx(0.642)
+    assert results.general_score(tmp_path, model, "MME") == pytest.approx(2310.6)
+    assert results.general_score(tmp_path, model, "HallusionBench") == pytest.approx(130 / 3)
+    assert results.general_score(tmp_path, model, "POPE") == pytest.approx(86.9)
+    assert results.general_score(tmp_path, model, "AI2D_TEST") is None
+
+
+def test_collect_script_writes_md_and_csv(tmp_path):
+    base = "Qwen2.5-VL-Tiny"
+    _score_file(tmp_path / "work", base, "RefCOCO_val", 10.0, 1.0)
+    _score_file(tmp_path / "work", base + "_IVCP", "RefCOCO_val", 5.0, 0.5)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path / "work"),
+                          "--model", base, "--methods", "vanilla,ivc_prune", "--benchmarks", "RefCOCO_val",
+                          "--out", str(tmp_path / "res")], capture_output=True, text=True, check=True).stdout
+    assert "| ivc_prune | 50% | 5.0 | 50.0% |" in out
+    rows = list(csv.reader(open(tmp_path / "res" / f"grounding_{base}.csv")))
+    assert rows[0] == ["Method", "Avg. tokens", "RefCOCO_val", "Rel. Avg."] and rows[2][0] == "ivc_prune"
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path),
+                          "--model", base, "--methods", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
