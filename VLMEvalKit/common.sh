@@ -27,11 +27,8 @@ model_names() {  # every base model x every method, as VLMEvalKit model names
   "$PY" -c "import sys; from ivcp.results import model_name; print(' '.join(model_name(b, m) for b in sys.argv[1].split() for m in sys.argv[2].split(',') if m))" "$MODELS" "$METHODS"
 }
 
-paper_label() {  # the paper's name for a base model ("" when the paper has no row for it)
-  case "$1" in
-    Qwen2.5-VL-7B-Instruct) echo "Qwen2.5-VL 7B" ;;
-    *) echo "" ;;
-  esac
+paper_label() {  # the paper's name for a base model ("" when the paper has no row for it): configs/eval.toml
+  "$PY" -c "import sys; from ivcp.results import paper_model_label; print(paper_model_label(sys.argv[1]))" "$1"
 }
 
 launch() {  # VLMEvalKit's run with ivcp registered; torchrun when several processes are asked for

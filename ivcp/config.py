@@ -89,3 +89,9 @@ def family_rope(family: str):
         raise ValueError(f"no rotary parameters for model family {family!r}; known: {', '.join(available_adapters())}")
     section = rope.get("mrope_section")
     return RopeSpec(float(rope["theta"]), int(rope["head_dim"]), tuple(section) if section else None)
+
+
+@functools.lru_cache(maxsize=None)
+def eval_config() -> dict[str, Any]:
+    """configs/eval.toml: the evaluation harness's methods, model names and generation settings."""
+    return tomllib.loads(_configs().joinpath("eval.toml").read_text(encoding="utf-8"))

@@ -15,13 +15,13 @@ import json
 import platform
 from pathlib import Path
 
+from .config import eval_config
 from .eval.grounding import GROUNDING_SPLITS
 
-# method name (ivcp) → VLMEvalKit model-name suffix and the paper's label
-METHOD_SUFFIX = {"vanilla": "", "fastv": "_FastV", "window_fastv": "_WFastV", "pdrop": "_PDrop", "vscan": "_VScan",
-                 "ivc_prune": "_IVCP", "adaptprune": "_AdaptPrune", "random": "_Random"}
-PAPER_LABEL = {"vanilla": "Vanilla", "fastv": "FastV", "window_fastv": "W-FastV", "pdrop": "PDrop", "vscan": "VScan",
-               "ivc_prune": "IVC-Prune"}
+# from configs/eval.toml: method name (ivcp) → VLMEvalKit model-name suffix, the paper's label, settings
+METHODS = eval_config()["methods"]
+METHOD_SUFFIX = {name: entry["suffix"] for name, entry in METHODS.items()}
+PAPER_LABEL = {name: entry["paper_label"] for name, entry in METHODS.items() if "paper_label" in entry}
 GENERAL_VQA = ("SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "MME", "POPE", "HallusionBench",
                "TextVQA_VAL", "AI2D_TEST")
 
@@ -162,7 +162,10 @@ def render(rows: list[dict], benchmarks: list[str], title: str, provenance: dict
 def provenance(base_model: str, methods: list[str], work_dir: str | Path, note: str = "") -> dict:
     import torch
 
-    info = {"model": base_model, "methods": ", ".join(methods), "VLMEvalKit outputs": str(work_dir),
+    settings = [f"{m}({', '.join(f'{k}={v}' for k, v in METHODS.get(m, {}).get('params', {}).items())})"
+                if METHODS.get(m, {}).get("params") else m for m in methods]
+    info = {"model": base_model, "methods": ", ".join(settings) + " (other parameters: configs/models/)",
+            "VLMEvalKit outputs": str(work_dir),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.platform()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
     if note:
@@ -178,6 +181,11 @@ def write(markdown: str, table: list[list[str]], out: str | Path, stem: str) -> 
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(table)
     return [md, csv_path]
+
+
+def paper_model_label(base_model: str) -> str:
+    """The paper's name for a model ("" when the paper has no row for it)."""
+    return eval_config()["models"].get(base_model, {}).get("paper_label", "")
 
 
 def default_benchmarks(kind: str) -> list[str]:

@@ -27,35 +27,23 @@ from vlmeval.vlm.base import BaseModel
 
 import ivcp
 
+from .config import eval_config
 from .eval.grounding import FAMILY_CONVENTION, GROUNDING_SPLITS, grounding_prompt, grounding_scores, parse_box, smart_resize
 
 # --- models -------------------------------------------------------------------------------------
 
-# VLMEvalKit name suffix → (ivcp method, its parameters); "" is the unpruned model.
-METHOD_SUFFIXES = {
-    "": (None, {}),
-    "_IVCP": ("ivc_prune", {}),
-    "_Grounding_IVCP": ("ivc_prune", {}),
-    "_FastV": ("fastv", {}),
-    "_WFastV": ("window_fastv", {}),
-    "_PDrop": ("pdrop", {}),
-    "_VScan": ("vscan", {"encoder_keep_ratio": 0.6, "llm_keep_ratio": 0.67}),  # the paper's ~50 % setting
-    "_AdaptPrune": ("adaptprune", {}),
-    "_Random": ("random", {}),
-}
-# base name → (family, hub id or "tiny")
-BASE_MODELS = {
-    "Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct"),
-    "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct"),
-    "Qwen2.5-VL-32B-Instruct": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-32B-Instruct"),
-    "Qwen2-VL-7B-Instruct": ("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct"),
-    "Qwen2.5-VL-Tiny": ("qwen2_5_vl", "tiny:qwen2_5_vl"),  # the embedded default: random, offline
-    "Qwen2-VL-Tiny": ("qwen2_vl", "tiny:qwen2_vl"),
-}
-# Pixel bounds of the reference grounding runs (METHODS.md); the tiny models use their own small ones.
-MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
-TINY_PIXELS = (4 * 28 * 28, 256 * 28 * 28)
-TINY_MAX_NEW_TOKENS = 24
+_EVAL = eval_config()
+# VLMEvalKit name suffix → (ivcp method, its parameters); "" is the unpruned model (configs/eval.toml)
+METHOD_SUFFIXES = {entry["suffix"]: (None if name == "vanilla" else name, dict(entry.get("params", {})))
+                   for name, entry in _EVAL["methods"].items()}
+METHOD_SUFFIXES.update({alias: (name, dict(_EVAL["methods"][name].get("params", {})))
+                        for alias, name in _EVAL.get("suffix_aliases", {}).items()})
+# base name → (family, hub id or "tiny:<family>")
+BASE_MODELS = {name: (entry["family"], entry["hub_id"]) for name, entry in _EVAL["models"].items()}
+GENERATION, TINY = _EVAL["generation"], _EVAL["tiny"]
+MIN_PIXELS, MAX_PIXELS = GENERATION["min_pixels"], GENERATION["max_pixels"]
+TINY_PIXELS = (TINY["min_pixels"], TINY["max_pixels"])
+TINY_MAX_NEW_TOKENS = TINY["max_new_tokens"]
 
 
 def weights_for(base: str, hub_id: str) -> str:
@@ -84,7 +72,8 @@ class IVCPQwenVL(BaseModel):
     calls = 0  # generate() calls in this process (for tests of resuming)
 
     def __init__(self, model_path: str, name: str = "ivcp", family: str = "qwen2_5_vl", method: str | None = None,
-                 method_params: dict | None = None, max_new_tokens: int = 512, min_pixels: int = MIN_PIXELS,
+                 method_params: dict | None = None, max_new_tokens: int = GENERATION["max_new_tokens"],
+                 min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, **kwargs):
         from .loading import load_model
 
@@ -93,8 +82,11 @@ class IVCPQwenVL(BaseModel):
         self.method_params = dict(method_params or {})
         self.max_new_tokens = max_new_tokens
         if model_path.startswith("tiny"):
-            self.model, self.processor = load_model(model_path)
+            from .testing import tiny_processor
+
+            self.model, _ = load_model(model_path)
             self.min_pixels, self.max_pixels = TINY_PIXELS
+            self.processor = tiny_processor(family, *TINY_PIXELS)
             self.max_new_tokens = min(max_new_tokens, TINY_MAX_NEW_TOKENS)  # random weights never stop
         else:
             self.model, self.processor = _load_real(model_path, min_pixels, max_pixels)
@@ -168,7 +160,7 @@ def model_info(model_name: str) -> tuple[str, tuple[int, int]]:
     for base in sorted(BASE_MODELS, key=len, reverse=True):
         if model_name.startswith(base):
             family = BASE_MODELS[base][0]
-            return family, TINY_PIXELS if base.endswith("Tiny") else (MIN_PIXELS, MAX_PIXELS)
+            return family, TINY_PIXELS if BASE_MODELS[base][1].startswith("tiny") else (MIN_PIXELS, MAX_PIXELS)
     raise ValueError(f"{model_name!r} is not one of ivcp's models")
 
 
