@@ -142,3 +142,14 @@ def test_embedded_default_grounding_script(tmp_path):
     assert table[1].split("|")[2].strip() == "100%"
     assert table[-1].split("|")[2].strip() == "50%"
     assert (tmp_path / "out/results/grounding_Qwen2.5-VL-Tiny.md").is_file()
+
+
+def test_scripts_refuse_bad_input(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LMUData"}
+    env.update(IVCP_WORK_DIR=str(tmp_path), PY=sys.executable)
+    general = subprocess.run(["bash", str(ROOT / "VLMEvalKit/test_ivcp_qwen_generalvqa.sh")], capture_output=True,
+                             text=True, env=env)
+    assert general.returncode == 2 and "set LMUData" in general.stderr
+    unknown = subprocess.run(["bash", str(ROOT / "VLMEvalKit/test_ivcp_qwen_grounding.sh"), "--modles", "x"],
+                             capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "unknown argument --modles" in unknown.stderr
