@@ -272,6 +272,12 @@ class SelectionContext:
         probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)
         return probs[..., self._local(key_tokens)]
 
+    def last_token_attention(self, layer: int | None = None, rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(present visual tokens, the last prompt token's attention to each, mean over heads, batch row 0)
+        at a layer (K−1 by default): the score of FastV and of the methods built on it."""
+        visual = self.visual_tokens()
+        return visual, self.attention([self.last_token], visual, layer, rotary)[0].mean(0)[0]
+
 
 class PruneSession:
     """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill."""

@@ -32,6 +32,7 @@ class Probe(PruningMethod):
             attention=ctx.attention([ctx.last_token], ctx.visual_tokens(), layer=self.selection_layer - 1),
             attention_k=ctx.attention([ctx.last_token], ctx.visual_tokens(), layer=self.selection_layer),
             keys=ctx.keys(seg.indices()),
+            last_row=ctx.last_token_attention(self.selection_layer - 1),
         )
         return ctx.visual_tokens()
 
@@ -58,6 +59,9 @@ def test_attention_row_equals_eager_attention(family, probe):
     for layer, key in ((1, "attention"), (2, "attention_k")):
         expected = out.attentions[layer][:, :, -1:, start:end]  # (B, H, 1, N), last prompt token's row
         torch.testing.assert_close(seen[key], expected.float(), atol=1e-5, rtol=1e-4)
+    visual, row = seen["last_row"]
+    assert visual.tolist() == list(range(start, end))
+    torch.testing.assert_close(row, out.attentions[1][0, :, -1, start:end].float().mean(0), atol=1e-5, rtol=1e-4)
 
 
 def test_values_from_cache_equal_recomputed_projection(family, probe):

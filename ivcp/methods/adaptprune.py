@@ -74,8 +74,7 @@ class AdaptPrune(PruningMethod):
     similarity_sigma: float = 0.05
 
     def select(self, ctx) -> torch.Tensor:
-        visual = ctx.visual_tokens()
-        attention = ctx.attention([ctx.last_token], visual, layer=ctx.layer - 1)[0].mean(0)[0]
+        visual, attention = ctx.last_token_attention(ctx.layer - 1)
         position = dict(zip(visual.tolist(), range(visual.numel())))
         kept = []
         for seg in ctx.segments:

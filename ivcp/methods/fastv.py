@@ -29,8 +29,7 @@ class FastV(PruningMethod):
 
     def rank(self, ctx) -> torch.Tensor:
         """Visual tokens, best first, by the last prompt token's attention at layer K−1."""
-        visual = ctx.visual_tokens()
-        scores = ctx.attention([ctx.last_token], visual, layer=ctx.layer - 1)[0].mean(0)[0]
+        visual, scores = ctx.last_token_attention(ctx.layer - 1)
         return visual[top_k(scores, visual.numel())]
 
     def keep_count(self, ctx) -> int:

@@ -57,8 +57,7 @@ class PDrop(PruningMethod):
 
     def rank(self, ctx) -> torch.Tensor:
         """Present visual tokens, best first, by the last token's attention at layer K."""
-        visual = ctx.visual_tokens()
-        scores = ctx.attention([ctx.last_token], visual, layer=ctx.layer)[0].mean(0)[0]
+        visual, scores = ctx.last_token_attention(ctx.layer)
         return visual[top_k(scores, visual.numel())]
 
     def keep_count(self, ctx) -> int:

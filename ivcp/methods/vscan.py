@@ -129,6 +129,5 @@ class VScan(PruningMethod):
         return torch.cat(kept)
 
     def _llm_stage(self, ctx) -> torch.Tensor:
-        visual = ctx.visual_tokens()
-        scores = ctx.attention([ctx.last_token], visual, layer=ctx.layer - 1, rotary=False)[0].mean(0)[0]
+        visual, scores = ctx.last_token_attention(ctx.layer - 1, rotary=False)
         return visual[top_k(scores, count(self.llm_keep_ratio, visual.numel()))]

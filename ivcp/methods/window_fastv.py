@@ -67,8 +67,7 @@ class WindowFastV(PruningMethod):
             raise ValueError(f"{self.name}: window_size must be a positive int, got {self.window_size!r}")
 
     def select(self, ctx) -> torch.Tensor:
-        visual = ctx.visual_tokens()
-        scores = ctx.attention([ctx.last_token], visual, layer=self.selection_layer - 1)[0].mean(0)[0]
+        visual, scores = ctx.last_token_attention(ctx.layer - 1)
         by_token = dict(zip(visual.tolist(), range(visual.numel())))
         kept = []
         for seg in ctx.segments:
