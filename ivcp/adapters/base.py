@@ -113,33 +113,38 @@ class ModelAdapter:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
+    def _lacks(self, feature: str) -> NotImplementedError:
+        """The error for a feature this family's adapter does not provide (methods that need it
+        cannot run on the family until its adapter adds it)."""
+        return NotImplementedError(f"{type(self).__name__} has no {feature}; the method needs it")
+
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) the decoder would use for ``position_ids`` (rows, B, T)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot recompute rotary embeddings")
+        raise self._lacks("rotary recomputation")
 
     # --- the vision tower (for methods that act before the LLM) -----------------------------
     @property
     def vision_tower(self) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} has no vision-tower access")
+        raise self._lacks("vision-tower access")
 
     def vision_attention_module(self, block: int) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} has no vision-tower access")
+        raise self._lacks("vision-tower access")
 
     @property
     def vision_depth(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} has no vision-tower access")
+        raise self._lacks("vision-tower access")
 
     @property
     def vision_local_block(self) -> int:
         """A vision block of local (early) attention, for methods that contrast local and global."""
-        raise NotImplementedError(f"{type(self).__name__} has no vision-tower access")
+        raise self._lacks("vision-tower access")
 
     def received_attention(self, grid_thw: torch.Tensor, attention_inputs: dict) -> list[torch.Tensor]:
         """Attention each visual token receives in one vision block (mean over heads and queries,
         pooled over each merge group), one (h·w,) tensor per frame in the LLM's raster order.
         ``attention_inputs`` are the block attention's captured call (hidden_states, cu_seqlens,
         position_embeddings); ``grid_thw`` the tower's grids for that call."""
-        raise NotImplementedError(f"{type(self).__name__} has no vision-tower access")
+        raise self._lacks("vision-tower access")
 
     # --- the prompt -------------------------------------------------------------------------
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
