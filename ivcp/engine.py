@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -311,10 +312,37 @@ class PruneSession:
                 hook = lambda module, args, kwargs, block=block: self._on_vision_block(block, module, args, kwargs)  # noqa: E731
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
+        # generate() is checked before it runs: what hooks cannot tell apart (a beam is a batch row;
+        # an image passed as embeddings never reaches the hooks as pixels) gets a clear error.
+        generate = self.model.generate
+        self._own_generate = vars(self.model).get("generate")  # an instance attribute someone set, if any
+
+        @functools.wraps(generate)
+        def checked_generate(*args, **kwargs):
+            self._check_generate(kwargs)
+            return generate(*args, **kwargs)
+
+        self.model.generate = checked_generate
+
+    def _check_generate(self, kwargs: dict) -> None:
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", None) if config is not None else None) or 1
+        if beams > 1:
+            raise ValueError(f"ivcp does not support beam search (num_beams={beams}): each beam would need its own "
+                             "pruned cache; use greedy or sampling decoding")
+        if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is not None and any(
+                kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            raise ValueError("ivcp needs input_ids to find the image tokens: pass input_ids (with the pixels), "
+                             "not inputs_embeds")
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._own_generate is None:
+            vars(self.model).pop("generate", None)
+        else:
+            self.model.generate = self._own_generate
         self._state = None
 
     # --- vision tower -----------------------------------------------------------------------------

@@ -20,6 +20,36 @@ def count(ratio: float, n: int) -> int:
     return int(round(ratio * n))
 
 
+def keep_count(ratio: float, n: int) -> int:
+    """Tokens a budget of ``ratio`` keeps out of ``n``: round(ratio · n), but at least one when n > 0,
+    so no image or frame ever vanishes from the prompt."""
+    return max(1, count(ratio, n)) if n > 0 else 0
+
+
+def top_covering(ranked: torch.Tensor, k: int, segments) -> torch.Tensor:
+    """The first ``k`` of ``ranked`` (input indices, best first), adjusted so that every segment with
+    tokens in ``ranked`` keeps at least one: a segment left out gets its best-ranked token in place of
+    the lowest-ranked choice of a segment that keeps several (more than ``k`` only when there are
+    more segments than ``k``). For methods that rank all images' tokens together (FastV, PDrop)."""
+    chosen = ranked[:k].tolist()
+    starts = torch.tensor([s.start for s in segments])
+    segment_of = lambda token: int(torch.searchsorted(starts, token, right=True)) - 1  # noqa: E731
+    kept_per_segment: dict[int, int] = {}
+    for token in chosen:
+        kept_per_segment[segment_of(token)] = kept_per_segment.get(segment_of(token), 0) + 1
+    for token in ranked[k:].tolist():
+        segment = segment_of(token)
+        if segment in kept_per_segment:
+            continue
+        donor = next((i for i in range(len(chosen) - 1, -1, -1) if kept_per_segment[segment_of(chosen[i])] > 1), None)
+        if donor is not None:
+            kept_per_segment[segment_of(chosen[donor])] -= 1
+            chosen.pop(donor)
+        chosen.append(token)
+        kept_per_segment[segment] = 1
+    return torch.tensor(chosen, dtype=torch.long, device=ranked.device)
+
+
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, best first; equal scores rank by lower index."""
     k = max(0, min(int(k), scores.numel()))

@@ -28,6 +28,7 @@ class RowContext:
         self.row = torch.tensor(row)
         self.layer, self.stage, self.device, self.last_token = 2, 0, torch.device("cpu"), 99
         self.visual = torch.arange(start, start + len(row))
+        self.segments = [Segment(start, start + len(row), 1, len(row))]
 
     def visual_tokens(self, segment=None):
         return self.visual
@@ -42,6 +43,19 @@ def test_fastv_keeps_the_top_of_a_known_row():
     # keep round(0.5 * 6) = 3: 0.30 (11), then the tie 0.25 at 13 and 15
     assert sorted(FastV(keep_ratio=0.5).select(ctx).tolist()) == [11, 13, 15]
     assert FastV(keep_ratio=0.5).rank(ctx).tolist()[:4] == [11, 13, 15, 12]
+
+
+def test_top_covering_gives_every_image_a_token():
+    from ivcp.scoring import top_covering
+
+    segments = [Segment(0, 4, 2, 2), Segment(10, 11, 1, 1), Segment(20, 24, 2, 2)]
+    ranked = torch.tensor([0, 1, 2, 20, 3, 21, 22, 10, 23])  # the 1-token image (10) ranks late
+    # top 4 = 0, 1, 2, 20; image 10 is missing: its token replaces the lowest-ranked choice of an
+    # image that keeps several (2, of the first image, since 20 is the third image's only one)
+    assert top_covering(ranked, 4, segments).tolist() == [0, 1, 20, 10]
+    assert top_covering(ranked, 9, segments).tolist() == ranked.tolist()  # nothing missing
+    # more images than budget: each keeps one
+    assert sorted(top_covering(ranked, 1, segments).tolist()) == [0, 10, 20]
 
 
 def test_closest_divisor():

@@ -161,6 +161,40 @@ def test_hooks_removed_and_model_unchanged(family, model_and_processor, one_imag
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks_before
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(bare, after)
+    assert "generate" not in vars(model)  # the checked generate is gone with the block
+
+
+def test_beam_search_is_refused_by_name(model_and_processor, one_image_inputs):
+    model, _ = model_and_processor
+    with ivcp.prune(model, "ivc_prune"), pytest.raises(ValueError, match="does not support beam search"):
+        model.generate(**one_image_inputs, num_beams=2, max_new_tokens=2)
+
+
+def test_image_as_embeddings_is_refused(model_and_processor, one_image_inputs):
+    model, _ = model_and_processor
+    embeds = model.get_input_embeddings()(one_image_inputs["input_ids"])
+    feed = {k: v for k, v in one_image_inputs.items() if k != "input_ids"}
+    with ivcp.prune(model, "fastv") as session, pytest.raises(ValueError, match="pass input_ids"):
+        model.generate(inputs_embeds=embeds, **feed, max_new_tokens=2)
+    assert session.last is None
+
+
+@pytest.mark.parametrize("method", sorted(ivcp.available_methods()))
+def test_every_image_keeps_a_token(method):
+    """A 1-token image beside a 48-token one: every method keeps at least one of its tokens."""
+    from ivcp.testing import tiny_processor
+
+    model, _ = get_model("qwen2_5_vl")
+    processor = tiny_processor("qwen2_5_vl", min_pixels=28 * 28)
+    inputs = make_inputs(processor, "Which picture is brighter?", images=[make_image(28, 28, seed=2), make_image()])
+    params = {"keep_ratio": 0.1} if method in ("fastv", "window_fastv", "random", "adaptprune") else {}
+    with torch.no_grad(), ivcp.prune(model, method, **params) as session:
+        model(**inputs)
+    small, large = session.last.segments
+    assert small[1] - small[0] == 1 and large[1] - large[0] == 48
+    kept = session.last.kept
+    assert ((kept >= small[0]) & (kept < small[1])).sum() == 1
+    assert ((kept >= large[0]) & (kept < large[1])).sum() >= 1
 
 
 def test_batch_larger_than_one_is_refused(family, model_and_processor):

@@ -6,7 +6,7 @@ Per segment (grid h × w), at layer K (signals of layers K−1 and K):
   24 × 24 grid gives the reference's σ = 12);
 - similarity = cosine of L2-normalised k_proj of layer K's input (no norm, no rotary, all heads
   concatenated);
-- adaptive NMS until round(keep_ratio·N) are kept: take the best remaining token; every token
+- adaptive NMS until round(keep_ratio·N) (at least one) are kept: take the best remaining token; every token
   within grid distance ``radius`` of it has its score multiplied by
   1 − exp(−d²/(2·spatial_sigma²)) · exp(−(1 − cos)²/(2·similarity_sigma²)); the pick's score becomes 0.
 Layers < K keep their full cache; positions are kept. Unlike the reference, layer K−1 runs once
@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count
+from ..scoring import keep_count
 from .base import PruningMethod
 from .registry import register_method
 
@@ -82,7 +82,7 @@ class AdaptPrune(PruningMethod):
             scores = attention[[position[t] for t in tokens.tolist()]].double().cpu() * centre_prior(seg.grid_h, seg.grid_w)
             keys = ctx.keys(tokens, layer=ctx.layer, norm=False, rotary=False)[0]  # (kv_heads, N, d)
             keys = torch.nn.functional.normalize(keys.transpose(0, 1).reshape(seg.n, -1), dim=-1).cpu()
-            picks = adaptive_nms(scores, keys, seg.grid_h, seg.grid_w, count(self.keep_ratio, seg.n),
+            picks = adaptive_nms(scores, keys, seg.grid_h, seg.grid_w, keep_count(self.keep_ratio, seg.n),
                                  self.radius, self.spatial_sigma, self.similarity_sigma)
             kept.append(seg.start + picks.to(ctx.device))
         return torch.cat(kept)

@@ -2,7 +2,7 @@
 
 Score of visual token j = attention of the last prompt token to j at layer K−1 (softmax over all
 keys, mean over heads). Keep the top round(keep_ratio·N) visual tokens over all segments together
-(keep_ratio = 1 − R; R = 0.5 by default). Layers < K keep their full KV cache; positions are kept.
+(keep_ratio = 1 − R; R = 0.5 by default), every image keeping at least its best token. Layers < K keep their full KV cache; positions are kept.
 The row is computed from layer K−1's query and cached keys, so sdpa / flash-attn stay usable.
 """
 
@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count, top_k
+from ..scoring import keep_count, top_covering, top_k
 from .base import PruningMethod
 from .registry import register_method
 
@@ -33,7 +33,7 @@ class FastV(PruningMethod):
         return visual[top_k(scores, visual.numel())]
 
     def keep_count(self, ctx) -> int:
-        return count(self.keep_ratio, ctx.visual_tokens().numel())
+        return keep_count(self.keep_ratio, ctx.visual_tokens().numel())
 
     def select(self, ctx) -> torch.Tensor:
-        return self.rank(ctx)[: self.keep_count(ctx)]
+        return top_covering(self.rank(ctx), self.keep_count(ctx), ctx.segments)

@@ -24,7 +24,7 @@ import torch
 
 from ..patterns import PATTERNS, pattern_tokens
 from ..scoring import (IVC_MODES, count, fill_to_budget, foreground_from_rows, foreground_scores, ivc_scores,
-                       ivc_token_set, top_k)
+                       ivc_token_set, keep_count, top_k)
 from .base import PruningMethod, check_choice
 from .registry import register_method
 
@@ -90,8 +90,8 @@ class IVCPrune(PruningMethod):
         seeds, f = self._foreground(ctx, segment)
         ctx.mark("seed", segment.start + seeds)
         if self.budget_mode == "reference_fill":
-            return fill_to_budget(torch.cat([positional, seeds]), f, count(self.keep_ratio, n))
-        return torch.unique(torch.cat([positional, top_k(f, count(self.foreground_ratio, n))]))
+            return fill_to_budget(torch.cat([positional, seeds]), f, keep_count(self.keep_ratio, n))
+        return torch.unique(torch.cat([positional, top_k(f, keep_count(self.foreground_ratio, n))]))
 
     def _foreground(self, ctx, segment) -> tuple[torch.Tensor, torch.Tensor]:
         text, image = ctx.text_queries(segment), segment.indices(ctx.device)

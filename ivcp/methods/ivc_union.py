@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..scoring import IVC_MODES
+from ..scoring import IVC_MODES, top_covering
 from .base import PruningMethod, check_choice
 from .ivc_prune import ivc_tokens
 from .registry import make_method, register_method
@@ -68,9 +68,9 @@ class IVCUnion(PruningMethod):
         ranked = self.base.rank(ctx)
         budget = self.base.keep_count(ctx)
         if self.budget == "extra":
-            return torch.unique(torch.cat([ranked[:budget], ivc]))
-        rest = ranked[~torch.isin(ranked, ivc)]
-        return torch.cat([ivc, rest[: max(0, budget - ivc.numel())]])
+            return torch.unique(torch.cat([top_covering(ranked, budget, ctx.segments), ivc]))
+        order = torch.cat([ivc, ranked[~torch.isin(ranked, ivc)]])
+        return top_covering(order, max(budget, ivc.numel()), ctx.segments)
 
     def describe(self) -> dict:
         return {"method": self.name, "base": self.base.describe(), "ivc_ratio": self.ivc_ratio,

@@ -4,7 +4,7 @@ PDrop drops after each layer l of its list; the first layer that runs without th
 l + 1 — our ``stage_layers`` are those l + 1 (Qwen2.5-VL-7B: PDrop's {8, 16, 24} → 9, 17, 25). At each
 stage the remaining visual tokens are ranked by the last prompt token's attention recomputed with
 that layer's input norm, q/k projections and rotary (mean over heads); ``stage_ratios[i]`` of them
-stay (round). Earlier layers keep their KV cache (each layer caches what it processed).
+stay (round; every image keeps at least its best token). Earlier layers keep their KV cache (each layer caches what it processed).
 
 ``position_policy``: ``keep`` (default: kept tokens keep their original ids, best for grounding) or
 ``renumber`` (PDrop's code: after each drop, positions close the gap, 0..n−1 for 1-D RoPE; for
@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count, top_k
+from ..scoring import keep_count, top_covering, top_k
 from .base import PruningMethod, check_choice
 from .registry import register_method
 
@@ -61,7 +61,7 @@ class PDrop(PruningMethod):
         return visual[top_k(scores, visual.numel())]
 
     def keep_count(self, ctx) -> int:
-        return count(self.stage_ratios[ctx.stage], ctx.visual_tokens().numel())
+        return keep_count(self.stage_ratios[ctx.stage], ctx.visual_tokens().numel())
 
     def select(self, ctx) -> torch.Tensor:
-        return self.rank(ctx)[: self.keep_count(ctx)]
+        return top_covering(self.rank(ctx), self.keep_count(ctx), ctx.segments)

@@ -1,6 +1,6 @@
 """Random (uniform) pruning: the floor every method must beat.
 
-Each segment keeps round(keep_ratio·N) tokens drawn uniformly without replacement from a generator
+Each segment keeps round(keep_ratio·N) tokens (at least one) drawn uniformly without replacement from a generator
 seeded with (seed, segment order). Schedule and KV policy as IVC-Prune (selection at the model's
 IVC-Prune layer, earlier layers' cache cut too), so it compares at IVC-Prune's exact budget.
 """
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count
+from ..scoring import keep_count
 from .base import PruningMethod
 from .registry import register_method
 
@@ -31,6 +31,6 @@ class RandomPrune(PruningMethod):
         kept = []
         for order, segment in enumerate(ctx.segments):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + order)
-            local = torch.randperm(segment.n, generator=generator)[: count(self.keep_ratio, segment.n)]
+            local = torch.randperm(segment.n, generator=generator)[: keep_count(self.keep_ratio, segment.n)]
             kept.append(segment.start + local.to(ctx.device))
         return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=ctx.device)

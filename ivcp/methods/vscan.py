@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count, top_k
+from ..scoring import count, keep_count, top_covering, top_k
 from .base import PruningMethod
 from .registry import register_method
 
@@ -130,4 +130,5 @@ class VScan(PruningMethod):
 
     def _llm_stage(self, ctx) -> torch.Tensor:
         visual, scores = ctx.last_token_attention(ctx.layer - 1, rotary=False)
-        return visual[top_k(scores, count(self.llm_keep_ratio, visual.numel()))]
+        ranked = visual[top_k(scores, visual.numel())]
+        return top_covering(ranked, keep_count(self.llm_keep_ratio, visual.numel()), ctx.segments)

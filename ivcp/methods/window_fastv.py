@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import count, top_k
+from ..scoring import count, keep_count, top_k
 from .base import PruningMethod
 from .registry import register_method
 
@@ -40,7 +40,7 @@ def window_quota_selection(scores: torch.Tensor, grid_h: int, grid_w: int, keep_
             members = index[r: r + win_h, c: c + win_w].flatten()
             quota = max(1, count(keep_ratio, members.numel()))
             chosen[members[top_k(scores[members], quota)]] = True
-    budget = count(keep_ratio, n)
+    budget = keep_count(keep_ratio, n)
     surplus = int(chosen.sum()) - budget
     if surplus > 0:  # drop the lowest-scored chosen tokens
         picked = chosen.nonzero().flatten()
