@@ -2,17 +2,63 @@
 """VLMEvalKit's run, with ivcp's models and datasets registered first.
 
 Same arguments and habits as upstream (``--data``, ``--model``, ``--work-dir``, ``$LMUData``,
-``torchrun --nproc-per-node=N``): ivcp adds the model names ``Qwen2.5-VL-{3B,7B,32B}-Instruct`` (vanilla
-through ivcp's wrapper) and their ``_IVCP``, ``_Grounding_IVCP``, ``_FastV``, ``_WFastV``, ``_PDrop``,
-``_VScan``, ``_AdaptPrune``, ``_Random`` siblings, the same for ``Qwen2-VL-7B-Instruct``, the offline
-``Qwen2.5-VL-Tiny`` / ``Qwen2-VL-Tiny`` family, and the grounding splits RefCOCO_testA … RefCOCOg_val.
+``torchrun --nproc-per-node=N``). ivcp adds its model names (``python -m ivcp models`` lists them:
+each model of configs/eval.toml × method suffix × prompt protocol) and the grounding splits
+RefCOCO_testA … RefCOCOg_val. On top of upstream:
+
+- unknown model names stop the run before anything is loaded (exit 2);
+- per-sample pruning statistics go to ``<work dir>/ivcp_stats`` (unless ``IVCP_STATS_DIR`` is set);
+- VLMEvalKit logs a failed model × dataset and goes on: here every such failure, and every
+  model × dataset left without predictions, is listed at the end and the exit status is 1.
 """
+
+import logging
+import os
+import os.path as osp
+import sys
 
 from ivcp.vlmeval_plugin import register
 
 register()
 
-from vlmeval.run import main  # noqa: E402  (after registration, on purpose)
+from vlmeval.config import supported_VLM  # noqa: E402  (after registration, on purpose)
+from vlmeval.run import main, parse_args  # noqa: E402
+from vlmeval.smp import load_env  # noqa: E402
+
+
+class _Failures(logging.Handler):
+    """Collects the errors VLMEvalKit logs (it logs a failed model × dataset and carries on)."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().splitlines()[0][:300])
+
+
+def run() -> int:
+    load_env()  # VLMEvalKit's .env (judge API keys), as its own entry point does
+    args = parse_args()
+    unknown = [m for m in args.model or [] if m not in supported_VLM]
+    if unknown:
+        print(f"run.py: unknown model name(s): {', '.join(unknown)} (`python -m ivcp models` lists ivcp's)",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("IVCP_STATS_DIR", osp.join(args.work_dir, "ivcp_stats"))
+    failures = _Failures()
+    logging.getLogger("vlmeval").addHandler(failures)
+    main()
+    missing = [f"{m} x {d}: no predictions were written" for m in args.model or [] for d in args.data or []
+               if not any(osp.exists(osp.join(args.work_dir, m, f"{m}_{d}.{ext}")) for ext in ("xlsx", "tsv", "json"))]
+    if int(os.environ.get("RANK", "0")) == 0 and (failures.messages or missing):
+        print(f"\nrun.py: {len(failures.messages)} error(s) logged, {len(missing)} model x dataset pair(s) "
+              "without predictions:", file=sys.stderr)
+        for line in failures.messages + missing:
+            print(f"  FAILED {line}", file=sys.stderr)
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run())

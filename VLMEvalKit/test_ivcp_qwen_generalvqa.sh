@@ -5,7 +5,10 @@
 #
 #   export LMUData=/data/LMUData IVCP_MODEL_ROOT=/models
 #   bash VLMEvalKit/test_ivcp_qwen_generalvqa.sh --models "Qwen2.5-VL-7B-Instruct" \
-#        --methods vanilla,fastv,pdrop,vscan,ivc_prune --nproc 8 [--data "MMStar POPE"]
+#        --methods vanilla,fastv,pdrop,vscan,ivc_prune --nproc 8 [--data "MMStar POPE"] [--prompts dataset]
+#
+# --prompts authors (default): every method gets the authors' custom prompts (their _IVCP runs);
+# --prompts dataset: the datasets' own prompts (the authors' vanilla row). Exit status 1 when any run failed.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 MODELS=""; METHODS=""
@@ -19,3 +22,4 @@ MODELS=${MODELS:-Qwen2.5-VL-7B-Instruct}
 METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}
 launch
 tables general table2_general_vqa.csv
+finish

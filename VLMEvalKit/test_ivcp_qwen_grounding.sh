@@ -2,14 +2,16 @@
 # Grounding (RefCOCO / RefCOCO+ / RefCOCOg, Acc@0.5) of Qwen-VL models pruned by ivcp, through the
 # pip-installed VLMEvalKit. Real run, e.g. on 8 GPUs:
 #
-#   export LMUData=/data/LMUData        # RefCOCO_testA.tsv ... RefCOCOg_val.tsv, or the aggregated RefCOCO.tsv
+#   export LMUData=/data/LMUData        # RefCOCO_testA.tsv ... RefCOCOg_val.tsv (ivcp's, upstream's or the
+#                                       # authors' layout), or upstream's aggregated RefCOCO.tsv
 #   export IVCP_MODEL_ROOT=/models      # folders named like Qwen2.5-VL-7B-Instruct (else hub ids; HF_HUB_OFFLINE is honoured)
 #   bash VLMEvalKit/test_ivcp_qwen_grounding.sh --models "Qwen2.5-VL-7B-Instruct" \
-#        --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --nproc 8
+#        --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --nproc 8 [--prompts authors|dataset]
 #
-# Outputs go to $IVCP_WORK_DIR (default ./outputs): vlmeval/ (VLMEvalKit's), ivcp_stats/, results/.
-# The embedded default: with no LMUData set, small synthetic TSVs are generated and the tiny offline
-# model (random weights) runs vanilla, FastV, PDrop, VScan and IVC-Prune end to end; the table is printed.
+# Outputs go to $IVCP_WORK_DIR (default ./outputs): vlmeval/ (VLMEvalKit's, with ivcp_stats/), results/.
+# The embedded default: with no LMUData set, synthetic TSVs are generated (outputs/lmudata) and the
+# trained tiny grounder (Qwen2.5-VL-TinyGrounder, shipped with ivcp) runs vanilla, FastV, PDrop, VScan
+# and IVC-Prune end to end on a CPU; the tables are printed. Exit status 1 when any run failed.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 MODELS=""; METHODS=""
@@ -17,12 +19,15 @@ DATA="RefCOCO_testA RefCOCO_testB RefCOCO_val RefCOCO+_testA RefCOCO+_testB RefC
 parse_args "$@"
 if [ -z "${LMUData:-}" ]; then
   export LMUData="$WORK/lmudata"
-  echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny random model)"
-  "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-3}" > /dev/null
-  MODELS=${MODELS:-Qwen2.5-VL-Tiny}
+  echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny grounder)"
+  if [ ! -f "$LMUData/RefCOCO.tsv" ]; then
+    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-25}" > /dev/null
+  fi
+  MODELS=${MODELS:-Qwen2.5-VL-TinyGrounder}
   METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}
 fi
 MODELS=${MODELS:-Qwen2.5-VL-7B-Instruct}
 METHODS=${METHODS:-vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune}
 launch
 tables grounding table1_grounding.csv
+finish

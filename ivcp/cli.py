@@ -165,7 +165,12 @@ def bench(args: argparse.Namespace) -> int:
 def make_grounding(args: argparse.Namespace) -> int:
     from ivcp.data.grounding import make_grounding as make
 
-    for path in make(args.out, per_split=args.per_split, seed=args.seed):
+    try:
+        paths = make(args.out, per_split=args.per_split, seed=args.seed, layout=args.layout, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        print(f"ivcp data make-grounding: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--per-split", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--layout", choices=["pixels", "authors"], default="pixels",
+                   help="pixels: bbox_x1..bbox_y2 columns (ivcp / upstream); authors: their answer-column TSVs")
+    q.add_argument("--force", action="store_true", help="overwrite existing TSVs")
     q.set_defaults(func=make_grounding)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")

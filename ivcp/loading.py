@@ -6,24 +6,38 @@ import importlib.util
 
 import torch
 
+TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:grounder")
+
 
 def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, pixels: tuple[int | None, int | None] | None = None):
     """(model, processor) for ``spec``:
 
     - ``tiny`` or ``tiny:<family>`` (``qwen2_5_vl``, ``qwen2_vl``): the random offline model;
+      ``tiny:grounder``: the trained tiny grounder shipped with ivcp (``ivcp.testing.tiny_grounder``);
+      ``pixels`` = (min, max) sets the tiny processor's pixel bounds;
     - anything else: ``from_pretrained`` of a local directory or a hub id (``HF_HUB_OFFLINE=1`` is
-      honoured by transformers). Real checkpoints' processors need torchvision (the eval extra).
+      honoured by transformers), the processor with the checkpoint's own settings. Real checkpoints'
+      processors need torchvision (the eval extra).
 
     Device: CUDA when available, else CPU. Attention: flash_attention_2 on CUDA when flash-attn is
     installed, else sdpa.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "tiny" or spec.startswith("tiny:"):
-        from .testing import tiny_model
+        from .testing import tiny_grounder, tiny_model, tiny_processor
 
-        family = spec.split(":", 1)[1] if ":" in spec else "qwen2_5_vl"
-        model, processor = tiny_model(family, attn_implementation=attn_implementation or "sdpa")
+        if spec not in TINY_SPECS:
+            raise ValueError(f"unknown tiny model {spec!r}; choose one of {', '.join(TINY_SPECS)}")
+        attn = attn_implementation or "sdpa"
+        if spec == "tiny:grounder":
+            model, _ = tiny_grounder(attn_implementation=attn)
+            family = "qwen2_5_vl"
+        else:
+            family = spec.split(":", 1)[1] if ":" in spec else "qwen2_5_vl"
+            model, _ = tiny_model(family, attn_implementation=attn)
+        bounds = [v for v in (pixels or ()) if v is not None]
+        processor = tiny_processor(family, *bounds) if len(bounds) == 2 else tiny_processor(family)
         return model.to(device), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

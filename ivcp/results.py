@@ -1,10 +1,13 @@
 """Result tables in the paper's layout, from VLMEvalKit output folders (no VLMEvalKit import).
 
-- Tab. 1 (grounding): a row per method: Average Tokens, Acc@0.5 per split, Rel. Avg.
+- Tab. 1 (grounding): a row per method: Average Tokens, Acc@0.5 per split (the authors' strict metric;
+  the lenient parse in a second table), Rel. Avg.
 - Tab. 2 (general VQA): a row per method: Average Tokens, the benchmark's primary score, Rel. Avg.
 Rel. Avg. = mean over benchmarks of (method score / vanilla score), in percent; a benchmark where
-vanilla scored 0 is left out of it. Each table carries how it was made (models, methods, date,
-machine) and, when given, the paper's row beside ours with the difference.
+vanilla scored 0 is left out of it. Average Tokens = mean retained share of visual KV over the
+answered samples, from the run's per-sample statistics (``<work dir>/ivcp_stats``). Each table
+carries how it was made (models, methods, prompt protocol, date, machine) and, when given, the
+paper's row beside ours with the difference. A missing result is shown as "–" and listed.
 """
 
 from __future__ import annotations
@@ -15,21 +18,19 @@ import json
 import platform
 from pathlib import Path
 
-from .config import eval_config
+from .eval import stats
 from .eval.grounding import GROUNDING_SPLITS
+from .eval.protocol import DEFAULT_PROTOCOL, METHODS, MODELS, run_name
 
-# from configs/eval.toml: method name (ivcp) → VLMEvalKit model-name suffix, the paper's label, settings
-METHODS = eval_config()["methods"]
-METHOD_SUFFIX = {name: entry["suffix"] for name, entry in METHODS.items()}
+# from configs/eval.toml: method name (ivcp) → the paper's label
 PAPER_LABEL = {name: entry["paper_label"] for name, entry in METHODS.items() if "paper_label" in entry}
 GENERAL_VQA = ("SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "MME", "POPE", "HallusionBench",
                "TextVQA_VAL", "AI2D_TEST")
 
 
-def model_name(base: str, method: str) -> str:
-    if method not in METHOD_SUFFIX:
-        raise ValueError(f"unknown method {method!r} for result tables; known: {', '.join(METHOD_SUFFIX)}")
-    return base + METHOD_SUFFIX[method]
+def model_name(base: str, method: str, protocol: str = DEFAULT_PROTOCOL) -> str:
+    """The VLMEvalKit model name of ``base`` run with ``method`` under a prompt ``protocol``."""
+    return run_name(base, method, protocol)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -37,14 +38,15 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def grounding_score(work_dir: Path, model: str, split: str) -> tuple[float | None, float | None]:
-    """(Acc@0.5, average visual-token share) of one model on one split, from ivcp's score file."""
+def grounding_score(work_dir: Path, model: str, split: str, metric: str = "paper") -> float | None:
+    """Acc@0.5 of one model on one split from ivcp's score file: ``paper`` (the authors' strict
+    metric) or ``lenient``."""
     path = Path(work_dir) / model / f"{model}_{split}_acc.csv"
     if not path.is_file():
-        return None, None
+        return None
     row = _read_csv(path)[0]
-    share = row.get("avg_tokens")
-    return float(row["Acc@0.5"]), float(share) if share not in (None, "", "nan", "None") else None
+    value = row.get("Acc@0.5" if metric == "paper" else "Acc@0.5 lenient")
+    return _number(value)
 
 
 def _number(value) -> float | None:
@@ -92,28 +94,37 @@ def general_score(work_dir: Path, model: str, dataset: str) -> float | None:
     return None
 
 
-def build_table(work_dir: str | Path, base_model: str, methods: list[str], benchmarks: list[str], kind: str) -> list[dict]:
-    """Rows (dicts) of a table; scores None when a run is missing."""
+def build_table(work_dir: str | Path, base_model: str, methods: list[str], benchmarks: list[str], kind: str,
+                protocol: str = DEFAULT_PROTOCOL, metric: str = "paper") -> list[dict]:
+    """Rows (dicts) of a table; scores None when a run is missing. Average Tokens from the run's
+    statistics (``<work_dir>/ivcp_stats``), over the benchmarks that have them all."""
     if kind not in ("grounding", "general"):
         raise ValueError(f"table kind must be grounding or general, got {kind!r}")
+    if base_model not in MODELS:
+        raise ValueError(f"unknown model {base_model!r}; ivcp's models: {', '.join(MODELS)}")
     rows = []
     for method in methods:
-        name = model_name(base_model, method)
+        name = model_name(base_model, method, protocol)
         scores, shares = {}, []
         for bench in benchmarks:
             if kind == "grounding":
-                score, share = grounding_score(Path(work_dir), name, bench)
-                if share is not None:
-                    shares.append(share)
+                scores[bench] = grounding_score(Path(work_dir), name, bench, metric)
             else:
-                score = general_score(Path(work_dir), name, bench)
-            scores[bench] = score
+                scores[bench] = general_score(Path(work_dir), name, bench)
+            share = stats.average_share(name, bench, root=Path(work_dir) / "ivcp_stats")
+            if scores[bench] is not None and share is not None:
+                shares.append(share)
         rows.append({"method": method, "model": name, "avg_tokens": sum(shares) / len(shares) if shares else None,
                      "scores": scores})
     vanilla = next((r for r in rows if r["method"] == "vanilla"), None)
     for row in rows:
         row["rel_avg"] = relative_average(row["scores"], vanilla["scores"]) if vanilla else None
     return rows
+
+
+def missing_results(rows: list[dict]) -> list[str]:
+    """"model x benchmark" for every cell without a result."""
+    return [f"{row['model']} x {bench}" for row in rows for bench, score in row["scores"].items() if score is None]
 
 
 def relative_average(scores: dict[str, float | None], reference: dict[str, float | None]) -> float | None:
@@ -159,12 +170,14 @@ def render(rows: list[dict], benchmarks: list[str], title: str, provenance: dict
     return "\n".join(lines) + "\n", table
 
 
-def provenance(base_model: str, methods: list[str], work_dir: str | Path, note: str = "") -> dict:
+def provenance(base_model: str, methods: list[str], work_dir: str | Path, note: str = "",
+               protocol: str = DEFAULT_PROTOCOL) -> dict:
     import torch
 
     settings = [f"{m}({', '.join(f'{k}={v}' for k, v in METHODS.get(m, {}).get('params', {}).items())})"
                 if METHODS.get(m, {}).get("params") else m for m in methods]
     info = {"model": base_model, "methods": ", ".join(settings) + " (other parameters: configs/models/)",
+            "prompts": f"{protocol} protocol (configs/eval.toml [prompts])",
             "VLMEvalKit outputs": str(work_dir),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.platform()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
@@ -185,7 +198,8 @@ def write(markdown: str, table: list[list[str]], out: str | Path, stem: str) -> 
 
 def paper_model_label(base_model: str) -> str:
     """The paper's name for a model ("" when the paper has no row for it)."""
-    return eval_config()["models"].get(base_model, {}).get("paper_label", "")
+    entry = MODELS.get(base_model)
+    return entry.paper_label if entry is not None else ""
 
 
 def default_benchmarks(kind: str) -> list[str]:

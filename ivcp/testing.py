@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,12 +127,17 @@ class TinyProcessor:
         self.chat_template = tokenizer.chat_template
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        """Render one conversation (a list of turns) or a batch of them (a list of lists), as
+        ``Qwen2_5_VLProcessor.apply_chat_template(..., tokenize=False)`` does."""
         if tokenize:
             raise ValueError("TinyProcessor.apply_chat_template only renders text; call the processor on it")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=False, **kwargs)
 
-    def __call__(self, text, images=None, return_tensors: str = "pt", **kwargs) -> dict:
+    def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", padding: bool = True,
+                 **kwargs) -> dict:
+        if videos:
+            raise ValueError("the tiny processor takes images only (build video inputs with ivcp.testing.make_inputs)")
         texts = [text] if isinstance(text, str) else list(text)
         data: dict = {}
         if images:
@@ -142,7 +148,7 @@ class TinyProcessor:
             texts = [re.sub(re.escape(self.image_token),
                             lambda _: "<|placeholder|>" * (math.prod(next(grids)) // merge), t) for t in texts]
             texts = [t.replace("<|placeholder|>", self.image_token) for t in texts]
-        ids = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
+        ids = self.tokenizer(texts, return_tensors="pt", padding=padding and len(texts) > 1)
         data["input_ids"], data["attention_mask"] = ids["input_ids"], ids["attention_mask"]
         data["mm_token_type_ids"] = _mm_token_types(ids["input_ids"], self.tokenizer)
         return data
@@ -154,13 +160,15 @@ class TinyProcessor:
         return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-def tiny_config(family: str = "qwen2_5_vl", **overrides: Any):
-    """The tiny architecture's config; ``overrides`` go to the text config (e.g. num_hidden_layers)."""
+def tiny_config(family: str = "qwen2_5_vl", vision_overrides: dict | None = None, **overrides: Any):
+    """The tiny architecture's config; ``overrides`` go to the text config (e.g. num_hidden_layers),
+    ``vision_overrides`` to the vision config."""
     _check_family(family)
     tokenizer = tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(_TEXT, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], **overrides)
+                pad_token_id=ids["<|endoftext|>"])
+    text.update(overrides)
     attn = text.pop("attn_implementation", "sdpa")
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Config
@@ -168,6 +176,7 @@ def tiny_config(family: str = "qwen2_5_vl", **overrides: Any):
     else:
         from transformers import Qwen2VLConfig as Config
         vision = dict(_VISION_2, hidden_size=text["hidden_size"])
+    vision.update(vision_overrides or {})
     config = Config(
         text_config=text,
         vision_config=vision,
@@ -208,6 +217,51 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
     allowed = set(range(32, 127)) | {config.text_config.eos_token_id}
     model.generation_config.suppress_tokens = [i for i in range(config.text_config.vocab_size) if i not in allowed]
     return model, tiny_processor(family)
+
+
+# --- the tiny grounder: trained weights shipped with the package -----------------------------------
+
+GROUNDER_DIR = Path(__file__).resolve().parent / "checkpoints" / "tiny_grounder"
+
+
+def grounder_config(rope_theta: float = 10.0, head_dim: int = 32, num_hidden_layers: int = 4,
+                    hidden_size: int = 128, **text_overrides: Any):
+    """The tiny grounder's architecture (``scripts/train_tiny_grounder.py`` trains it): a Qwen2.5-VL of
+    about 1.1 M parameters — decoder hidden ``hidden_size``, ``num_hidden_layers`` layers, heads of
+    ``head_dim`` with grouped-query attention (2 query heads per KV head), M-RoPE sections in Qwen's
+    proportions (1 : 1.5 : 1.5 of head_dim / 2); vision tower of hidden 64, 2 blocks (window attention
+    of 56 px, then full attention), 2 x 2 merger."""
+    heads = hidden_size // head_dim
+    if heads * head_dim != hidden_size or heads < 2:
+        raise ValueError(f"head_dim {head_dim} must divide hidden_size {hidden_size} into at least 2 heads")
+    half = head_dim // 2
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    text = dict(hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=heads, num_key_value_heads=heads // 2,
+                rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": section})
+    text.update(text_overrides)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, window_size=56, fullatt_block_indexes=[1])
+    return tiny_config("qwen2_5_vl", vision_overrides=vision, **text)
+
+
+def tiny_grounder(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                  attn_implementation: str = "sdpa"):
+    """The shipped tiny grounder (trained, not random) and its processor: ``(model, processor)``.
+
+    It answers the harness's grounding prompt on ``ivcp data make-grounding`` pictures with
+    ``{"bbox_2d": [x1, y1, x2, y2]}``; ``ivcp/checkpoints/tiny_grounder/README.md`` says how it was
+    made and how well it grounds. Fully offline."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(path) if path is not None else GROUNDER_DIR
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no tiny grounder checkpoint in {folder} (model.safetensors); train one with "
+                                "scripts/train_tiny_grounder.py")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    model.eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    return model, tiny_processor("qwen2_5_vl")
 
 
 class _seeded:

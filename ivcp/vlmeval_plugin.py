@@ -1,174 +1,217 @@
 """VLMEvalKit plugin: ivcp's pruned models and its grounding datasets, registered into a
 pip-installed VLMEvalKit (``ms-vlmeval`` or an upstream checkout) through its public surface only:
-``vlmeval.vlm.base.BaseModel``, ``vlmeval.config.supported_VLM``, ``vlmeval.dataset.DATASET_CLASSES``
-and ``vlmeval.run.main``. Nothing of VLMEvalKit is copied or patched.
+``vlmeval.vlm.base.BaseModel`` (and ``Qwen2VLChat`` / ``Qwen2VLPromptMixin``, subclassed, never
+patched), ``vlmeval.config.supported_VLM``, ``vlmeval.dataset.DATASET_CLASSES`` and
+``vlmeval.run.main``. Nothing of VLMEvalKit is copied or patched.
 
     import ivcp.vlmeval_plugin as plugin
     plugin.register()          # then VLMEvalKit's own entry point, e.g. vlmeval.run.main()
 
+Inputs are exactly the authors' (FireRedTeam/IVC-Prune's Qwen2VLChat): prompts from VLMEvalKit's
+``Qwen2VLPromptMixin`` under the ``authors`` protocol (or the datasets' own under ``dataset``), the
+chat template with its default system prompt, images first and resized by ``qwen_vl_utils`` within
+the entry's pixel bounds, generation settings of ``configs/eval.toml`` passed explicitly.
 Only this module imports VLMEvalKit; ``import ivcp`` never does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import os
 import os.path as osp
 import re
-from functools import partial
-from pathlib import Path
 
 import pandas as pd
 import torch
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, load
-from vlmeval.vlm.base import BaseModel
+from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
+from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
 
 import ivcp
 
-from .config import eval_config
-from .eval.grounding import FAMILY_CONVENTION, GROUNDING_SPLITS, grounding_prompt, grounding_scores, parse_box, smart_resize
+from .eval import stats
+from .eval.grounding import (FAMILY_CONVENTION, GROUNDING_SPLITS, check_grounding_rows, ground_truth, grounding_layout,
+                             grounding_prompt, grounding_scores, iou, paper_iou, paper_prediction, parse_box, smart_resize)
+from .eval.protocol import MODELS, all_run_names, generate_kwargs, parse_run_name
 
 # --- models -------------------------------------------------------------------------------------
 
-_EVAL = eval_config()
-# VLMEvalKit name suffix → (ivcp method, its parameters); "" is the unpruned model (configs/eval.toml)
-METHOD_SUFFIXES = {entry["suffix"]: (None if name == "vanilla" else name, dict(entry.get("params", {})))
-                   for name, entry in _EVAL["methods"].items()}
-METHOD_SUFFIXES.update({alias: (name, dict(_EVAL["methods"][name].get("params", {})))
-                        for alias, name in _EVAL.get("suffix_aliases", {}).items()})
-# base name → (family, hub id or "tiny:<family>")
-BASE_MODELS = {name: (entry["family"], entry["hub_id"]) for name, entry in _EVAL["models"].items()}
-GENERATION, TINY = _EVAL["generation"], _EVAL["tiny"]
-MIN_PIXELS, MAX_PIXELS = GENERATION["min_pixels"], GENERATION["max_pixels"]
-TINY_PIXELS = (TINY["min_pixels"], TINY["max_pixels"])
-TINY_MAX_NEW_TOKENS = TINY["max_new_tokens"]
 
-
-def weights_for(base: str, hub_id: str) -> str:
+def weights_for(model: str, hub_id: str) -> str:
     """A local directory under ``$IVCP_MODEL_ROOT`` when it exists (named like the model or its hub
     repository), else the hub id (transformers honours ``HF_HUB_OFFLINE``)."""
+    import os
+
     if hub_id.startswith("tiny"):
         return hub_id
     root = os.environ.get("IVCP_MODEL_ROOT")
     if root:
-        for name in (base, hub_id.split("/")[-1], hub_id):
+        for name in (model, hub_id.split("/")[-1], hub_id):
             if osp.isdir(osp.join(root, name)):
                 return osp.join(root, name)
     return hub_id
 
 
-class IVCPQwenVL(BaseModel):
-    """A Qwen2-VL / Qwen2.5-VL model answered through ``ivcp.prune`` (or unpruned).
+class IVCPModelMixin:
+    """What every ivcp wrapper shares, whatever the family: prompt routing by protocol (remembering
+    the sample's ``index``), generation inside ``ivcp.prune``, per-sample statistics.
 
-    Greedy decoding; grounding prompts as the paper. Every answer's pruning statistics go to
-    ``$IVCP_STATS_DIR/<model name>/<dataset>.jsonl`` (default ``outputs/ivcp_stats``) so tables can
-    report "Average Tokens". Runs on CPU when there is no GPU; flash-attn only when installed.
+    A family wrapper provides ``authors_prompt_applies(dataset)``, ``authors_prompt(line, dataset)``,
+    ``grounding_message(line, dataset)`` and ``model_inputs(message, dataset)``."""
+
+    calls = 0  # generate() calls in this process (for tests of resuming)
+
+    def _setup_run(self, name: str, method: str | None, method_params: dict, protocol: str, generation: dict) -> None:
+        self.name, self.method, self.protocol = name, method, protocol
+        self.method_params = dict(method_params or {})
+        self.generate_kwargs = generate_kwargs(generation)
+        self._index = None  # the sample whose prompt was built last
+        self.last_prompt_text = None  # what the model received last (tests compare it with the oracle)
+        if method is not None:  # bad names or parameters fail now, before any sample
+            ivcp.resolve_method(self.model, method, **self.method_params)
+
+    # VLMEvalKit asks use_custom_prompt before each sample; answering True routes every prompt through
+    # build_prompt, which sees the row (its index) and applies the protocol.
+    def use_custom_prompt(self, dataset: str) -> bool:
+        return True
+
+    def build_prompt(self, line, dataset: str):
+        self._index = line["index"]
+        if dataset in GROUNDING_SPLITS:
+            return self.grounding_message(line, dataset)
+        if self.protocol == "authors" and self.authors_prompt_applies(dataset):
+            return self.authors_prompt(line, dataset)
+        return self._dataset_object().build_prompt(line)
+
+    def _dataset_object(self):
+        owner = getattr(getattr(self, "dump_image_func", None), "__self__", None)
+        if owner is None or not hasattr(owner, "build_prompt"):
+            raise RuntimeError("the dataset's own prompt is needed but VLMEvalKit did not hand over the dataset "
+                               "(set_dump_image with a dataset's dump_image)")
+        return owner
+
+    def generate_inner(self, message, dataset=None) -> str:
+        type(self).calls += 1
+        index, self._index = self._index, None
+        inputs, prompt_length = self.model_inputs(message, dataset)
+        context = contextlib.nullcontext(None) if self.method is None else \
+            ivcp.prune(self.model, self.method, **self.method_params)
+        with torch.no_grad(), context as session:
+            out = self.model.generate(**inputs, **self.generate_kwargs)
+        answer = self.decode(out[0, prompt_length:])
+        record = session.last if session is not None else None
+        n_visual = self.count_visual_tokens(inputs["input_ids"])
+        if index is None:  # prompt not built through build_prompt: key the sample by its message
+            index = "message:" + hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        stats.record(self.name, dataset or "none", index, {
+            "n_visual": n_visual,
+            "n_visual_kept": record.n_visual_kept if record is not None else n_visual,
+            "visual_kv_share": record.visual_kv_share if record is not None else 1.0,
+            "protocol": self.protocol})
+        return answer
+
+
+def _load_checkpoint(path: str):
+    """(model, processor) of a real checkpoint: bf16 on CUDA (flash-attn when installed), float32 sdpa
+    on CPU; the processor as the authors load it (its own defaults: qwen_vl_utils resizes first)."""
+    from .loading import load_model
+
+    cuda = torch.cuda.is_available()
+    return load_model(path, dtype=torch.bfloat16 if cuda else torch.float32)
+
+
+class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
+    """A Qwen2-VL / Qwen2.5-VL model run through ``ivcp.prune`` (or unpruned), with the authors' inputs.
+
+    Subclasses VLMEvalKit's ``Qwen2VLChat`` for its prompt mixin and its message assembly
+    (``_prepare_content``); loading and generation are ivcp's (any device, sdpa / flash-attn, the
+    harness's generation settings, statistics). Runs on CPU when there is no GPU.
     """
 
     INSTALL_REQ = False
     INTERLEAVE = True
-    calls = 0  # generate() calls in this process (for tests of resuming)
+    VIDEO_LLM = False
 
-    def __init__(self, model_path: str, name: str = "ivcp", family: str = "qwen2_5_vl", method: str | None = None,
-                 method_params: dict | None = None, max_new_tokens: int = GENERATION["max_new_tokens"],
-                 min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS, **kwargs):
+    def __init__(self, model_path: str, name: str, family: str, method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
+                 max_pixels: int | None = None, generation: dict | None = None, **kwargs):
         from .loading import load_model
 
-        super().__init__()
-        self.name, self.family, self.method = name, family, method
-        self.method_params = dict(method_params or {})
-        self.max_new_tokens = max_new_tokens
+        Qwen2VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
+        self.family, self.model_path = family, model_path
+        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, None
+        self.system_prompt, self.verbose, self.post_process = None, False, False  # the authors pass no system prompt
+        self.fps, self.nframe, self.FRAME_FACTOR = 2, 128, 2
+        self.use_vllm = self.use_lmdeploy = False
         if model_path.startswith("tiny"):
-            from .testing import tiny_processor
-
-            self.model, _ = load_model(model_path)
-            self.min_pixels, self.max_pixels = TINY_PIXELS
-            self.processor = tiny_processor(family, *TINY_PIXELS)
-            self.max_new_tokens = min(max_new_tokens, TINY_MAX_NEW_TOKENS)  # random weights never stop
+            self.model, self.processor = load_model(model_path, pixels=(min_pixels, max_pixels))
         else:
-            self.model, self.processor = _load_real(model_path, min_pixels, max_pixels)
-            self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        if method is not None:  # bad names or parameters fail now, before any sample
-            ivcp.resolve_method(self.model, method, **self.method_params)
+            self.model, self.processor = _load_checkpoint(model_path)
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
 
-    def generate_inner(self, message, dataset=None) -> str:
-        from PIL import Image
+    # --- prompts ----------------------------------------------------------------------------------
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return Qwen2VLPromptMixin.use_custom_prompt(self, dataset)
 
-        type(self).calls += 1
-        content, images = [], []
-        for item in message:
-            if item["type"] == "image":
-                images.append(Image.open(item["value"]).convert("RGB"))
-                content.append({"type": "image"})
-            elif item["type"] == "text":
-                content.append({"type": "text", "text": item["value"]})
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
-        inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+    def authors_prompt(self, line, dataset: str):
+        return Qwen2VLPromptMixin.build_prompt(self, line, dataset)
+
+    def grounding_message(self, line, dataset: str):
+        paths = self.dump_image(line, dataset)
+        paths = paths if isinstance(paths, list) else [paths]
+        return [dict(type="image", value=p) for p in paths] + \
+            [dict(type="text", value=grounding_prompt(str(line["question"]), self.family))]
+
+    # --- inputs and outputs -----------------------------------------------------------------------
+    def model_inputs(self, message, dataset=None):
+        """The authors' Qwen2VLChat input path: one user turn (no system prompt passed: the template
+        adds its default), images resized by qwen_vl_utils within the entry's pixel bounds."""
+        from qwen_vl_utils import process_vision_info
+
+        messages = [{"role": "user", "content": self._prepare_content(message, dataset=dataset)}]
+        text = self.processor.apply_chat_template([messages], tokenize=False, add_generation_prompt=True)
+        images, videos = process_vision_info([messages])
+        inputs = self.processor(text=text, images=images, videos=videos, padding=True, return_tensors="pt")
+        self.last_prompt_text = text[0] if isinstance(text, list) else text
         inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
-        context = contextlib.nullcontext(None) if self.method is None else \
-            ivcp.prune(self.model, self.method, **self.method_params)
-        with torch.no_grad(), context as session:
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        n_prompt = inputs["input_ids"].shape[1]
-        answer = self.processor.batch_decode(out[:, n_prompt:], skip_special_tokens=True)[0]
-        self._record(dataset, session.last if session is not None else None, inputs)
-        return answer
+        return inputs, inputs["input_ids"].shape[1]
 
-    def _record(self, dataset, record, inputs) -> None:
-        n_visual = int(torch.isin(inputs["input_ids"], torch.tensor(
-            [self.model.config.image_token_id, self.model.config.video_token_id], device=inputs["input_ids"].device)).sum())
-        stats = {"n_visual": n_visual,
-                 "n_visual_kept": record.n_visual_kept if record is not None else n_visual,
-                 "visual_kv_share": record.visual_kv_share if record is not None else 1.0}
-        folder = Path(os.environ.get("IVCP_STATS_DIR", "outputs/ivcp_stats")) / self.name
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{dataset or 'none'}.jsonl", "a") as handle:
-            handle.write(json.dumps(stats) + "\n")
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.processor.batch_decode(tokens[None], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+
+    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
+        config = self.model.config
+        ids = torch.tensor([config.image_token_id, config.video_token_id], device=input_ids.device)
+        return int(torch.isin(input_ids, ids).sum())
 
 
-def _load_real(path: str, min_pixels: int, max_pixels: int):
-    import importlib.util
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-        attn_implementation="flash_attention_2" if flash else "sdpa")
-    processor = AutoProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
-    return model.to(device).eval(), processor
+FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL}
 
 
-def model_registry() -> dict[str, partial]:
-    """Every model name ivcp adds to VLMEvalKit: each base model × each method suffix."""
+def model_registry() -> dict:
+    """Every model name ivcp adds to VLMEvalKit (each model × method suffix × prompt protocol), as
+    factories (``functools.partial``) VLMEvalKit calls to build the model."""
+    from functools import partial
+
     models = {}
-    for base, (family, hub_id) in BASE_MODELS.items():
-        for suffix, (method, params) in METHOD_SUFFIXES.items():
-            name = base + suffix
-            models[name] = partial(IVCPQwenVL, model_path=weights_for(base, hub_id), name=name, family=family,
-                                   method=method, method_params=params)
+    for name, run in all_run_names().items():
+        entry = run.model
+        models[name] = partial(FAMILY_WRAPPERS[entry.family], model_path=weights_for(entry.name, entry.hub_id),
+                               name=name, family=entry.family, method=run.method, method_params=run.method_params,
+                               protocol=run.protocol, min_pixels=entry.min_pixels, max_pixels=entry.max_pixels,
+                               generation=entry.generation)
     return models
-
-
-def model_info(model_name: str) -> tuple[str, tuple[int, int]]:
-    """(family, (min_pixels, max_pixels)) of a registered model name (the longest matching prefix)."""
-    for base in sorted(BASE_MODELS, key=len, reverse=True):
-        if model_name.startswith(base):
-            family = BASE_MODELS[base][0]
-            return family, TINY_PIXELS if BASE_MODELS[base][1].startswith("tiny") else (MIN_PIXELS, MAX_PIXELS)
-    raise ValueError(f"{model_name!r} is not one of ivcp's models")
 
 
 # --- grounding datasets ---------------------------------------------------------------------------
 
 class IVCPGrounding(ImageBaseDataset):
     """RefCOCO / RefCOCO+ / RefCOCOg splits read from ``$LMUData/<split>.tsv`` or from the upstream
-    aggregated ``RefCOCO.tsv`` (split by its ``category`` column). Never downloads or deletes data."""
+    aggregated ``RefCOCO.tsv`` (split by its ``category`` / ``split`` column), in any of the three
+    layouts (:func:`ivcp.eval.grounding.grounding_layout`), validated whole before any inference.
+    Never downloads or deletes data."""
 
     TYPE = "GROUNDING"
     MODALITY = "IMAGE"
@@ -180,45 +223,64 @@ class IVCPGrounding(ImageBaseDataset):
     def load_data(self, dataset):
         root = LMUDataRoot()
         path = osp.join(root, f"{dataset}.tsv")
-        if osp.exists(path):
-            return load(path)
         aggregated = osp.join(root, "RefCOCO.tsv")
-        if not osp.exists(aggregated):
+        if osp.exists(path):
+            data, source = load(path), path
+        elif osp.exists(aggregated):
+            data, source = load(aggregated), aggregated
+            labels = data["category"] if "category" in data else data["split"] if "split" in data else None
+            if labels is None:
+                raise ValueError(f"{aggregated}: an aggregated grounding TSV needs a `category` or `split` column "
+                                 f"to find the rows of {dataset}")
+            split = labels.astype(str).str.strip().str.replace(r"\s+", "_", regex=True)
+            data = data[split == dataset].reset_index(drop=True)
+            if data.empty:
+                raise ValueError(f"{aggregated} holds no rows of {dataset}")
+        else:
             raise FileNotFoundError(
-                f"{dataset}: neither {path} nor {aggregated} exists. Put the TSVs in $LMUData, or make "
-                f"synthetic ones with `ivcp data make-grounding --out {root}`.")
-        data = load(aggregated)
-        if "category" not in data:
-            raise KeyError(f"{aggregated} has no `category` column to split it by")
-        split = data["category"].astype(str).str.strip().str.replace(r"\s+", "_", regex=True)
-        data = data[split == dataset].reset_index(drop=True)
-        if data.empty:
-            raise ValueError(f"{aggregated} holds no rows of {dataset}")
+                f"{dataset}: neither {path} nor {aggregated} exists. Put the TSVs in $LMUData, or make synthetic "
+                f"ones in a folder of their own (`ivcp data make-grounding --out DIR`) and point LMUData at it.")
+        self.layout = grounding_layout(data.columns, source)
+        check_grounding_rows(data.to_dict("records"), self.layout, source)
+        self.source = source
         return data
 
     def build_prompt(self, line):
+        """The dataset's own prompt: the authors' Qwen2.5-VL grounding text (ivcp's models replace it
+        with their family's grounding prompt)."""
         if isinstance(line, int):
             line = self.data.iloc[line]
         paths = self.dump_image(line)
-        return [dict(type="image", value=p) for p in paths] + [dict(type="text", value=grounding_prompt(line["question"]))]
+        paths = paths if isinstance(paths, list) else [paths]
+        return [dict(type="image", value=p) for p in paths] + \
+            [dict(type="text", value=grounding_prompt(str(line["question"])))]
 
     def evaluate(self, eval_file, **judge_kwargs):
         data = load(eval_file)
         model_name = _model_from_eval_file(eval_file, self.dataset_name)
-        family, (min_pixels, max_pixels) = model_info(model_name)
-        rows, unparsed = [], []
+        run = parse_run_name(model_name)
+        family = run.model.family
+        rows, unparsed, paper_hits, paper_failed = [], [], 0, 0
         for _, row in data.iterrows():
+            row = row.to_dict()
             width, height = int(row["width"]), int(row["height"])
-            rh, rw = smart_resize(height, width, 28, min_pixels, max_pixels)
-            parsed = parse_box(str(row["prediction"]), FAMILY_CONVENTION[family], (width, height), (rw, rh))
-            gt = tuple(float(row[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
-            rows.append({"split": self.dataset_name, "prediction": parsed, "gt": gt})
+            truth = ground_truth(row, self.layout)
+            text = "" if pd.isna(row["prediction"]) else str(row["prediction"])
+            rh, rw = smart_resize(height, width, 28, run.model.min_pixels, run.model.max_pixels)
+            parsed = parse_box(text, FAMILY_CONVENTION[family], (width, height), (rw, rh))
+            rows.append({"split": self.dataset_name, "prediction": parsed, "gt": truth.box})
+            predicted = paper_prediction(text, family)
+            paper_failed += not any(predicted)
+            paper_hits += paper_iou(predicted, truth.paper_box, width, height) >= 0.5
             if parsed.box is None:
-                unparsed.append({"index": row["index"], "prediction": str(row["prediction"])[:200], "reason": parsed.reason})
-        scores = grounding_scores(rows)[self.dataset_name]
-        share = average_tokens(model_name, self.dataset_name)
-        result = pd.DataFrame([{"split": self.dataset_name, "Acc@0.5": scores["acc"], "mIoU": scores["miou"],
-                                "n": scores["n"], "unparsed": scores["unparsed"], "avg_tokens": share}])
+                unparsed.append({"index": row["index"], "prediction": text[:200], "reason": parsed.reason})
+        lenient = grounding_scores(rows)[self.dataset_name]
+        share = stats.average_share(model_name, self.dataset_name, list(data["index"]))
+        result = pd.DataFrame([{
+            "split": self.dataset_name, "Acc@0.5": 100.0 * paper_hits / len(data), "Acc@0.5 lenient": lenient["acc"],
+            "mIoU lenient": lenient["miou"], "n": len(data), "unparsed paper": paper_failed,
+            "unparsed lenient": lenient["unparsed"], "avg_tokens": share, "layout": self.layout,
+            "protocol": run.protocol}])
         stem = osp.splitext(eval_file)[0]
         dump(result, f"{stem}_acc.csv")
         if unparsed:
@@ -232,15 +294,6 @@ def _model_from_eval_file(eval_file: str, dataset: str) -> str:
     if match is None:
         raise ValueError(f"cannot tell the model from the prediction file name {base!r}")
     return match.group(1)
-
-
-def average_tokens(model_name: str, dataset: str) -> float | None:
-    """Mean share of visual KV kept over a run's answers (None when no statistics were recorded)."""
-    path = Path(os.environ.get("IVCP_STATS_DIR", "outputs/ivcp_stats")) / model_name / f"{dataset}.jsonl"
-    if not path.is_file():
-        return None
-    shares = [json.loads(line)["visual_kv_share"] for line in path.read_text().splitlines() if line.strip()]
-    return sum(shares) / len(shares) if shares else None
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -258,3 +311,6 @@ def register() -> list[str]:
         if name not in datasets.SUPPORTED_DATASETS:
             datasets.SUPPORTED_DATASETS.append(name)
     return list(models)
+
+
+__all__ = ["IVCPGrounding", "IVCPModelMixin", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]

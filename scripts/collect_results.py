@@ -4,6 +4,9 @@
     python scripts/collect_results.py --work-dir outputs/vlmeval --model Qwen2.5-VL-7B-Instruct \
         --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --kind grounding \
         --paper results/paper/table1_grounding.csv --paper-model "Qwen2.5-VL 7B" --out results
+
+Grounding tables show the authors' strict Acc@0.5 and, below it, the lenient parse. Exit status 1
+(with the list on stderr) when any model x benchmark has no result; 2 on bad arguments.
 """
 
 import argparse
@@ -24,23 +27,38 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmarks", default="", help="comma list (default: the paper's)")
     parser.add_argument("--paper", default="", help="a results/paper/*.csv to show beside ours")
     parser.add_argument("--paper-model", default="", help="the paper's model label, e.g. 'Qwen2.5-VL 7B'")
+    parser.add_argument("--prompts", default="authors", help="the prompt protocol of the runs (configs/eval.toml)")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     benchmarks = [b for b in args.benchmarks.split(",") if b] or results.default_benchmarks(args.kind)
     try:
-        rows = results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind)
+        tables = [("paper", results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind, args.prompts))]
+        if args.kind == "grounding":
+            tables.append(("lenient", results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind,
+                                                          args.prompts, metric="lenient")))
     except ValueError as error:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2
     paper = results.paper_rows(args.paper, args.paper_model) if args.paper else None
-    title = f"{'Grounding (Acc@0.5)' if args.kind == 'grounding' else 'General VQA'}: {args.model}"
-    markdown, table = results.render(rows, benchmarks, title,
-                                     results.provenance(args.model, methods, args.work_dir, args.note), paper)
-    print(markdown)
-    for path in results.write(markdown, table, args.out, f"{args.kind}_{args.model}"):
-        print(f"wrote {path}")
+    info = results.provenance(args.model, methods, args.work_dir, args.note, args.prompts)
+    stem = f"{args.kind}_{args.model}" + ("" if args.prompts == "authors" else f"_{args.prompts}")
+    for metric, rows in tables:
+        if args.kind == "grounding":
+            title = f"Grounding, Acc@0.5 ({'the authors' + chr(39) + ' strict metric' if metric == 'paper' else 'lenient parse'}): {args.model}"
+        else:
+            title = f"General VQA: {args.model}"
+        markdown, table = results.render(rows, benchmarks, title, info, paper if metric == "paper" else None)
+        print(markdown)
+        for path in results.write(markdown, table, args.out, stem + ("" if metric == "paper" else "_lenient")):
+            print(f"wrote {path}")
+    missing = results.missing_results(tables[0][1])
+    if missing:
+        print(f"collect_results: {len(missing)} result(s) missing:", file=sys.stderr)
+        for line in missing:
+            print(f"  MISSING {line}", file=sys.stderr)
+        return 1
     return 0
 
 

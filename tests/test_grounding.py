@@ -6,12 +6,53 @@ import numpy as np
 import pytest
 
 from ivcp.data.grounding import COLOURS, decode_image, make_grounding, read_tsv
-from ivcp.eval.grounding import GROUNDING_SPLITS, ParsedBox, grounding_prompt, grounding_scores, iou, parse_box, smart_resize
+from ivcp.eval.grounding import (GROUNDING_SPLITS, ParsedBox, ground_truth, grounding_layout, grounding_prompt,
+                                 grounding_scores, iou, paper_frame, paper_iou, paper_prediction, parse_box, smart_resize)
 
 
-def test_prompt_is_the_papers():
-    assert grounding_prompt(" the red circle ") == \
-        "Locate the red circle and output the bbox coordinates in JSON format."
+def test_prompts_are_the_authors():
+    # their Qwen2VLPromptMixin._build_vg_prompt: the expression as it is, after a newline
+    assert grounding_prompt("the red circle") == "\nLocate the red circle and output the bbox coordinates in JSON format."
+    assert grounding_prompt("The Man", "qwen2_vl") == "\n<|object_ref_start|>Detect the man<|object_ref_end|>"
+    with pytest.raises(ValueError, match="no grounding prompt for model family 'llama'"):
+        grounding_prompt("x", "llama")
+
+
+def test_the_authors_metric_by_hand():
+    assert paper_prediction('```json\n[{"bbox_2d": [12, 3, 40, 50], "label": "x"}]\n```', "qwen2_5_vl") == (12, 3, 40, 50)
+    for text in ('{"bbox_2d": [12.0, 3, 40, 50]}', '{"bbox_2d": [ 12, 3, 40, 50]}', "[12, 3, 40, 50]", "",
+                 '{"bbox_2d": [-1, 3, 40, 50]}'):
+        assert paper_prediction(text, "qwen2_5_vl") == (0, 0, 0, 0), text
+    assert paper_prediction("<|box_start|>(100,250),(500,750)<|box_end|>", "qwen2_vl") == (0.1, 0.25, 0.5, 0.75)
+    assert paper_frame(300, 200) == (308, 196)  # round(300/28) = 11, round(200/28) = 7
+    # normalised (all <= 1.1) predictions are scaled by the TSV's width and height: [0.1, 0.25, 0.5, 0.75]
+    # on 300 x 200 -> [30, 50, 150, 150]; against [30, 50, 150, 110]: 120*60 / (120*100) = 0.6
+    assert paper_iou((0.1, 0.25, 0.5, 0.75), (30, 50, 150, 110), 300, 200) == pytest.approx(0.6)
+    assert paper_iou((0, 0, 0, 0), (30, 50, 150, 110), 300, 200) == 0.0
+    # no clamping: a box beyond the image still counts its full area
+    assert paper_iou((0, 0, 20, 10), (0, 0, 10, 10), 5, 5) == pytest.approx(0.5)
+
+
+def test_layouts_and_ground_truth_by_hand():
+    base = ["index", "image", "question", "width", "height"]
+    assert grounding_layout(base + ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "answer"]) == "pixels"
+    assert grounding_layout(base + ["bbox_x1_norm", "bbox_y1_norm", "bbox_x2_norm", "bbox_y2_norm"]) == "normalised"
+    assert grounding_layout(base + ["answer"]) == "authors"
+    with pytest.raises(ValueError, match=r"f.tsv: missing column\(s\) question, height"):
+        grounding_layout(["index", "image", "width", "answer"], "f.tsv")
+    row = {"index": 3, "width": 300, "height": 200}
+    truth = ground_truth(dict(row, answer="30 20 130 120 1 1 2 2"), "authors")  # the first of several boxes
+    assert truth.paper_box == (30, 20, 130, 120)
+    assert truth.box == pytest.approx((30 * 300 / 308, 20 * 200 / 196, 130 * 300 / 308, 120 * 200 / 196))
+    truth = ground_truth(dict(row, bbox_x1=10, bbox_y1=10, bbox_x2=101, bbox_y2=50), "pixels")
+    # their converter: int(round(x * 308 / 300)): 10.27 -> 10, 103.69 -> 104; y * 196 / 200: 9.8 -> 10, 49
+    assert truth.box == (10, 10, 101, 50) and truth.paper_box == (10, 10, 104, 49)
+    truth = ground_truth(dict(row, bbox_x1_norm=0.1, bbox_y1_norm=0.25, bbox_x2_norm=0.5, bbox_y2_norm=0.75), "normalised")
+    assert truth.box == pytest.approx((30, 50, 150, 150))
+    with pytest.raises(ValueError, match="row index 3: unusable ground-truth box"):
+        ground_truth(dict(row, answer="30 20 10 120"), "authors")  # x2 < x1
+    with pytest.raises(ValueError, match="row index 3: width/height must be positive"):
+        ground_truth({"index": 3, "width": 0, "height": 5, "answer": "1 1 2 2"}, "authors")
 
 
 def test_smart_resize_by_hand():
@@ -111,6 +152,42 @@ def test_grounding_samples_are_right(tmp_path):
         # the middle of the lower part of the box is inside every shape kind (square, circle, triangle)
         pixel = np.asarray(image)[(y1 + 3 * (y2 - y1) // 4), (x1 + x2) // 2]
         assert tuple(pixel) == COLOURS[colour]
+
+
+def test_samples_snap_to_the_token_grid(tmp_path):
+    import random
+
+    from ivcp.data.grounding import make_sample
+
+    rng = random.Random(5)
+    for _ in range(50):
+        sample = make_sample(rng)
+        assert (sample["width"], sample["height"]) == (224, 224) and 1 <= len(sample["objects"]) <= 4
+        names = [o["name"] for o in sample["objects"]]
+        assert len(set(names)) == len(names) and sample["expression"] in names
+        for obj in sample["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            assert all(v % 28 == 0 for v in obj["box"]) and x2 - x1 == y2 - y1 in (56, 84)
+        boxes = [o["box"] for o in sample["objects"]]
+        for i, a in enumerate(boxes):  # no two overlap
+            for b in boxes[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_authors_layout_and_no_silent_overwrite(tmp_path):
+    paths = make_grounding(tmp_path / "a", per_split=2, seed=1, layout="authors")
+    assert [p.name for p in paths] == [f"{s}.tsv" for s in GROUNDING_SPLITS]  # no aggregate: theirs has none
+    rows = read_tsv(paths[0])
+    assert list(rows[0]) == ["index", "image", "question", "height", "width", "answer"]
+    pixels = read_tsv(make_grounding(tmp_path / "p", per_split=2, seed=1, splits=(GROUNDING_SPLITS[0],))[0])
+    for theirs, ours in zip(rows, pixels):  # 224 x 224 is its own 28-px frame: the same numbers
+        assert theirs["answer"] == " ".join(ours[k] for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
+    before = paths[0].read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        make_grounding(tmp_path / "a", per_split=3, seed=2, layout="authors")
+    assert paths[0].read_bytes() == before
+    make_grounding(tmp_path / "a", per_split=3, seed=2, layout="authors", force=True)
+    assert len(read_tsv(paths[0])) == 3
 
 
 def test_bad_arguments(tmp_path):

@@ -9,17 +9,21 @@ from pathlib import Path
 import pytest
 
 from ivcp import results
+from ivcp.eval import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _score_file(work, model, split, acc, share):
+def _score_file(work, model, split, acc, share, lenient=None):
+    """ivcp's grounding score file and the run's per-sample statistics (two samples, mean ``share``)."""
     folder = work / model
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{model}_{split}_acc.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["split", "Acc@0.5", "mIoU", "n", "unparsed", "avg_tokens"])
-        writer.writerow([split, acc, 0.5, 10, 0, share])
+        writer.writerow(["split", "Acc@0.5", "Acc@0.5 lenient", "n", "avg_tokens"])
+        writer.writerow([split, acc, acc if lenient is None else lenient, 10, share])
+    for index, value in enumerate((share - 0.01, share + 0.01)):
+        stats.record(model, split, index, {"visual_kv_share": value}, root=work / "ivcp_stats")
 
 
 def test_grounding_table_and_relative_average(tmp_path):
@@ -75,8 +79,35 @@ def test_collect_script_writes_md_and_csv(tmp_path):
                           "--model", base, "--methods", "vanilla,ivc_prune", "--benchmarks", "RefCOCO_val",
                           "--out", str(tmp_path / "res")], capture_output=True, text=True, check=True).stdout
     assert "| ivc_prune | 50% | 5.0 | 50.0% |" in out
+    assert out.index("strict metric") < out.index("lenient parse")
     rows = list(csv.reader(open(tmp_path / "res" / f"grounding_{base}.csv")))
     assert rows[0] == ["Method", "Avg. tokens", "RefCOCO_val", "Rel. Avg."] and rows[2][0] == "ivc_prune"
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path),
                           "--model", base, "--methods", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir",
+                              str(tmp_path / "work"), "--model", base, "--methods", "vanilla,fastv", "--benchmarks",
+                              "RefCOCO_val", "--out", str(tmp_path / "res2")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "MISSING Qwen2.5-VL-Tiny_FastV x RefCOCO_val" in missing.stderr
+
+
+def test_lenient_table_and_prompt_protocol_names(tmp_path):
+    base = "Qwen2.5-VL-7B-Instruct"
+    _score_file(tmp_path, base + "_DatasetPrompt", "RefCOCO_val", 80.0, 1.0, lenient=85.0)
+    _score_file(tmp_path, base + "_IVCP_DatasetPrompt", "RefCOCO_val", 60.0, 0.5, lenient=68.0)
+    rows = results.build_table(tmp_path, base, ["vanilla", "ivc_prune"], ["RefCOCO_val"], "grounding",
+                               protocol="dataset", metric="lenient")
+    assert [r["scores"]["RefCOCO_val"] for r in rows] == [85.0, 68.0]
+    assert rows[1]["rel_avg"] == pytest.approx(100 * 68 / 85)
+    assert results.build_table(tmp_path, base, ["vanilla"], ["RefCOCO_val"], "grounding")[0]["scores"] == \
+        {"RefCOCO_val": None}  # the authors-protocol run is a different model name
+
+
+def test_general_average_tokens_come_from_the_statistics(tmp_path):
+    model = "Qwen2.5-VL-7B-Instruct_IVCP"
+    (tmp_path / model).mkdir()
+    (tmp_path / model / f"{model}_MMStar_acc.csv").write_text("split,Overall\nnone,0.6\n")
+    for index, share in ((1, 0.4), (2, 0.6), (1, 0.5)):  # index 1 answered twice (a resumed run): the last counts
+        stats.record(model, "MMStar", index, {"visual_kv_share": share}, root=tmp_path / "ivcp_stats")
+    row = results.build_table(tmp_path, "Qwen2.5-VL-7B-Instruct", ["ivc_prune"], ["MMStar"], "general")[0]
+    assert row["avg_tokens"] == pytest.approx(0.55) and row["scores"]["MMStar"] == pytest.approx(0.6)

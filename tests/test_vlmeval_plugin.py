@@ -1,6 +1,9 @@
-"""The VLMEvalKit plugin against the pip-installed VLMEvalKit: registration, datasets, evaluation,
-resuming, and the embedded-default grounding script end to end."""
+"""The VLMEvalKit plugin against the pip-installed VLMEvalKit: the authors' inputs (prompts, pixels,
+generation), grounding data in all layouts and both metrics, statistics that survive a resume, and
+the scripts' exit codes."""
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -12,12 +15,33 @@ import pytest
 vlmeval = pytest.importorskip("vlmeval", reason="VLMEvalKit is the eval tier (bash scripts/setup.sh without --core)")
 
 import pandas as pd  # noqa: E402
+from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin  # noqa: E402
 
 from ivcp import vlmeval_plugin as plugin  # noqa: E402
 from ivcp.data.grounding import make_grounding  # noqa: E402
+from ivcp.eval import stats  # noqa: E402
+from ivcp.eval.protocol import MODELS, all_run_names  # noqa: E402
 from ivcp.testing import make_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TABLE2 = ("SEEDBench_IMG", "MMBench_DEV_EN_V11", "MMStar", "RealWorldQA", "AI2D_TEST", "MME", "POPE", "HallusionBench",
+          "TextVQA_VAL")
+
+
+def _png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _wrapper(name: str, **overrides):
+    """Build a registered model with its real settings; offline checkpoints stand in for real ones."""
+    factory = plugin.model_registry()[name]
+    keywords = dict(factory.keywords)
+    if not keywords["model_path"].startswith("tiny"):
+        keywords["model_path"] = f"tiny:{keywords['family']}"
+    keywords.update(overrides)
+    return factory.func(**keywords)
 
 
 @pytest.fixture
@@ -35,121 +59,316 @@ def test_import_ivcp_does_not_import_vlmevalkit():
     assert out == ["False", "False"]
 
 
-def test_every_advertised_name_builds_and_answers(tmp_path, monkeypatch):
+def test_every_name_is_registered_with_the_authors_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("IVCP_STATS_DIR", str(tmp_path / "stats"))
     names = plugin.register()
     from vlmeval.config import supported_VLM
 
-    expected = {base + suffix for base in plugin.BASE_MODELS for suffix in plugin.METHOD_SUFFIXES}
-    assert set(names) == expected and expected <= set(supported_VLM)
-    for name in ("Qwen2.5-VL-7B-Instruct_IVCP", "Qwen2.5-VL-7B-Instruct_Grounding_IVCP", "Qwen2-VL-7B-Instruct_FastV",
-                 "Qwen2.5-VL-32B-Instruct_VScan"):
-        assert name in supported_VLM
+    assert set(names) == set(all_run_names()) and set(names) <= set(supported_VLM)
+    keywords = {name: supported_VLM[name].keywords for name in names}
+    seven_b = keywords["Qwen2.5-VL-7B-Instruct_IVCP"]
+    assert (seven_b["method"], seven_b["protocol"], seven_b["min_pixels"], seven_b["max_pixels"]) == \
+        ("ivc_prune", "authors", 4 * 28 * 28, 16384 * 28 * 28)
+    assert keywords["Qwen2.5-VL-7B-Instruct_Grounding_IVCP"]["method"] == "ivc_prune"
+    assert keywords["Qwen2.5-VL-3B-Instruct_FastV"]["max_pixels"] == 6384 * 28 * 28  # the authors' 3B entry (sic)
+    assert keywords["Qwen2-VL-7B-Instruct"]["min_pixels"] == 1280 * 28 * 28
+    assert keywords["Qwen2.5-VL-7B-Instruct_DatasetPrompt"] == dict(seven_b, name="Qwen2.5-VL-7B-Instruct_DatasetPrompt",
+                                                                    method=None, method_params={}, protocol="dataset")
+    for entry in keywords.values():
+        assert entry["generation"]["repetition_penalty"] == 1.0 and entry["generation"]["do_sample"] is False
+    # one of each family x method builds (offline weights) and answers
     image = tmp_path / "picture.png"
     make_image(224, 168).save(image)
-    for name in sorted(expected):
-        factory = supported_VLM[name]
-        family = factory.keywords["family"]
-        model = factory.func(**{**factory.keywords, "model_path": f"tiny:{family}"})  # the tiny model stands in
-        answer = model.generate([dict(type="image", value=str(image)), dict(type="text", value="Where is it?")],
-                                dataset="RefCOCO_val")
-        assert isinstance(answer, str)
-        stats = json.loads((tmp_path / "stats" / name / "RefCOCO_val.jsonl").read_text().splitlines()[-1])
-        kept, total = stats["n_visual_kept"], stats["n_visual"]
-        assert total == 48
-        assert (kept == total) == (factory.keywords["method"] is None), name
+    for name in ("Qwen2.5-VL-7B-Instruct_VScan", "Qwen2-VL-7B-Instruct_AdaptPrune", "Qwen2.5-VL-32B-Instruct_WFastV",
+                 "Qwen2.5-VL-3B-Instruct_Random", "Qwen2.5-VL-Tiny_PDrop_DatasetPrompt"):
+        model = _wrapper(name, generation=dict(seven_b["generation"], max_new_tokens=3))
+        assert isinstance(model.generate([dict(type="image", value=str(image)), dict(type="text", value="Where?")],
+                                         dataset="RefCOCO_val"), str)
+        entry = list(stats.read(name, "RefCOCO_val").values())[-1]
+        assert (entry["n_visual_kept"] < entry["n_visual"]) == (keywords[name]["method"] is not None)
 
 
-def test_grounding_dataset_reads_splits_and_the_aggregate(lmudata, tmp_path):
+@pytest.fixture
+def table2(tmp_path, monkeypatch):
+    """One synthetic row of each Table 2 benchmark, loaded by VLMEvalKit's own dataset classes."""
+    import vlmeval.dataset as datasets
+    from vlmeval.dataset import DATASET_TYPE, build_dataset
+
+    folder = tmp_path / "lmu2"
+    folder.mkdir()
+    monkeypatch.setenv("LMUData", str(folder))
+    monkeypatch.setenv("IVCP_STATS_DIR", str(tmp_path / "stats"))
+    image = _png(make_image(300, 200))
+    built = {}
+    for name in TABLE2:
+        kind = DATASET_TYPE(name)
+        row = dict(index=7, image=image, question="What colour is the largest shape?", category="colour",
+                   answer={"MCQ": "B", "Y/N": "yes"}.get(kind, "blue"))
+        if kind == "MCQ":
+            row.update(A="red", B="blue", C="green", D="yellow", hint="Shapes are drawn on a gradient.")
+        pd.DataFrame([row]).to_csv(folder / f"{name}.tsv", sep="\t", index=False)
+        cls = next(c for c in datasets.DATASET_CLASSES if name in c.supported_datasets())
+        if name in getattr(cls, "DATASET_MD5", {}):  # the real file's checksum would trigger a download
+            monkeypatch.delitem(cls.DATASET_MD5, name)
+        built[name] = build_dataset(name)
+    return built
+
+
+class _PipMixin(Qwen2VLPromptMixin):
+    """The oracle: pip VLMEvalKit's own prompt builder, on its own."""
+
+
+def _received(model, dataset, line, name):
+    """What VLMEvalKit's infer_data does for one row, then the text the model received."""
+    model.set_dump_image(dataset.dump_image)
+    message = model.build_prompt(line, dataset=name) if model.use_custom_prompt(name) else dataset.build_prompt(line)
+    model.generate(message, dataset=name)
+    return message, model.last_prompt_text
+
+
+def _rendered(model, message) -> str:
+    content = [{"type": "image"} if m["type"] == "image" else {"type": "text", "text": m["value"]} for m in message]
+    return model.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("protocol", ["authors", "dataset"])
+def test_prompts_equal_the_authors_or_the_datasets(table2, protocol):
+    suffix = "" if protocol == "authors" else "_DatasetPrompt"
+    model = _wrapper("Qwen2.5-VL-7B-Instruct_FastV" + suffix, generation={"max_new_tokens": 1, "do_sample": False,
+                                                                          "repetition_penalty": 1.0})
+    oracle = _PipMixin(use_custom_prompt=True)
+    for name, dataset in table2.items():
+        line = dataset.data.iloc[0]
+        oracle.set_dump_image(dataset.dump_image)
+        if protocol == "authors" and oracle.use_custom_prompt(name):
+            expected = oracle.build_prompt(line, name)
+        else:
+            expected = dataset.build_prompt(line)
+        message, text = _received(model, dataset, line, name)
+        assert message == expected, name
+        assert text == _rendered(model, expected), name
+        assert stats.read(model.name, name)["7"]["protocol"] == protocol  # stats keyed by the row's index
+    # the authors' custom prompts, written out (PROTOCOL.md): independent of VLMEvalKit's code
+    if protocol == "authors":
+        texts = {name: _received(model, ds, ds.data.iloc[0], name)[0][-1]["value"] for name, ds in table2.items()}
+        assert texts["MMStar"] == ("Hint: Shapes are drawn on a gradient.\nQuestion: What colour is the largest shape?\n"
+                                   "Options:\nA. red\nB. blue\nC. green\nD. yellow\n"
+                                   "Please select the correct answer from the options above.")
+        assert texts["POPE"] == texts["HallusionBench"] == "What colour is the largest shape? Please answer yes or no."
+        assert texts["MME"] == "What colour is the largest shape?"
+        assert texts["TextVQA_VAL"] == ("What colour is the largest shape?\n"
+                                        "Please try to answer the question with short words or phrases if possible.")
+    else:  # the datasets' own MCQ prompt keeps VLMEvalKit's trailing " \n"
+        assert _received(model, table2["MMStar"], table2["MMStar"].data.iloc[0], "MMStar")[0][-1]["value"].endswith(
+            "from the options above. \n")
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("Qwen2.5-VL-7B-Instruct_IVCP", "\nLocate the red circle and output the bbox coordinates in JSON format."),
+    ("Qwen2.5-VL-7B-Instruct_DatasetPrompt", "\nLocate the red circle and output the bbox coordinates in JSON format."),
+    ("Qwen2-VL-7B-Instruct", "\n<|object_ref_start|>Detect the red circle<|object_ref_end|>"),
+])
+def test_grounding_prompt_image_and_generation_settings(lmudata, name, expected, monkeypatch):
+    plugin.register()
+    from vlmeval.dataset import build_dataset
+
+    dataset = build_dataset("RefCOCO_val")
+    line = dataset.data.iloc[0].copy()
+    line["question"] = "the red circle"
+    model = _wrapper(name)
+    seen = {}
+    generate = model.model.generate
+    monkeypatch.setattr(model.model, "generate", lambda **kw: seen.update(kw) or generate(**kw), raising=False)
+    message, text = _received(model, dataset, line, "RefCOCO_val")
+    assert message[-1] == {"type": "text", "value": expected} and message[0]["type"] == "image"
+    assert text == _rendered(model, message)
+    assert (seen["repetition_penalty"], seen["do_sample"], seen["max_new_tokens"]) == (1.0, False, 512)
+
+
+def test_images_are_resized_within_the_entrys_pixel_bounds(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVCP_STATS_DIR", str(tmp_path / "stats"))
+    image = tmp_path / "wide.png"
+    make_image(1000, 300).save(image)
+    model = _wrapper("Qwen2.5-VL-Tiny", generation={"max_new_tokens": 1, "do_sample": False, "repetition_penalty": 1.0})
+    model.generate([dict(type="image", value=str(image)), dict(type="text", value="Hi")], dataset="RefCOCO_val")
+    # smart_resize(300, 1000, 28, 3136, 200704): 11 x 36 cells = 396 x 28² = 310464 > max, so
+    # beta = sqrt(300000 / 200704) = 1.2226: floor(300 / 1.2226 / 28) = 8, floor(1000 / 1.2226 / 28) = 29
+    assert list(stats.read(model.name, "RefCOCO_val").values())[-1]["n_visual"] == 8 * 29
+
+
+# --- grounding data and metrics --------------------------------------------------------------------
+
+def _authors_tsv(path: Path, rows: list[tuple[int, str]]) -> None:
+    image = _png(make_image(300, 200))
+    frame = pd.DataFrame([{"index": i, "image": image, "question": f"thing {i}", "height": 200, "width": 300,
+                           "answer": answer} for i, answer in rows])
+    frame.to_csv(path, sep="\t", index=False)
+
+
+def test_authors_layout_and_both_metrics_by_hand(tmp_path, monkeypatch):
+    lmu = tmp_path / "lmu"
+    lmu.mkdir()
+    monkeypatch.setenv("LMUData", str(lmu))
+    monkeypatch.setenv("IVCP_STATS_DIR", str(tmp_path / "stats"))
+    # 300 x 200 image: the authors' frame is round(300/28)*28 x round(200/28)*28 = 308 x 196, which is
+    # also the tiny model's resized frame (within its pixel bounds)
+    _authors_tsv(lmu / "RefCOCO_val.tsv", [(0, "30 20 130 120"), (1, "30 20 130 120"), (2, "30 20 130 120"),
+                                           (3, "30 20 130 120"), (4, "0 0 308 196 5 5 9 9")])
+    plugin.register()
+    dataset = plugin.IVCPGrounding(dataset="RefCOCO_val")
+    assert dataset.layout == "authors"
+    data = dataset.data.drop(columns=["image"]).copy()
+    data["prediction"] = [
+        '{"bbox_2d": [30, 20, 130, 120]}',  # exact: both metrics hit
+        '{"bbox_2d": [30.5, 20, 130, 120]}',  # a float: the strict parse fails, the lenient one hits
+        "[30, 20, 130, 120]",  # a bare list: likewise
+        '{"bbox_2d": [0, 0, 1, 1]}',  # all <= 1.1: read as normalised -> [0, 0, 300, 200], IoU 1/6: miss
+        '{"bbox_2d": [0, 0, 1, 1]}',  # ... against the whole image: IoU 300*196 / (308*196) = 0.974: paper hit
+    ]
+    eval_file = tmp_path / "Qwen2.5-VL-Tiny_RefCOCO_val.xlsx"
+    data.to_excel(eval_file, index=False)
+    for i in range(5):
+        stats.record("Qwen2.5-VL-Tiny", "RefCOCO_val", i, {"visual_kv_share": 0.1 * (i + 1)})
+    result = dataset.evaluate(str(eval_file)).iloc[0]
+    assert result["Acc@0.5"] == pytest.approx(100 * 2 / 5)  # rows 0 and 4
+    assert result["Acc@0.5 lenient"] == pytest.approx(100 * 3 / 5)  # rows 0, 1, 2
+    assert result["unparsed paper"] == 2 and result["avg_tokens"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("broken,message", [
+    ("no_width", "missing column(s) width"),
+    ("no_box", "no box columns"),
+    ("duplicate", "duplicate index value(s) 1"),
+    ("bad_image", "row index 2: the image does not decode"),
+    ("bad_answer", "row index 1: unusable ground-truth box '10 20 30'"),
+])
+def test_bad_grounding_tsvs_fail_before_inference_naming_the_problem(tmp_path, monkeypatch, broken, message):
+    lmu = tmp_path / "lmu"
+    lmu.mkdir()
+    monkeypatch.setenv("LMUData", str(lmu))
+    path = lmu / "RefCOCO_val.tsv"
+    _authors_tsv(path, [(0, "1 2 30 40"), (1, "10 20 30" if broken == "bad_answer" else "1 2 30 40"),
+                        (1 if broken == "duplicate" else 2, "1 2 30 40")])
+    frame = pd.read_csv(path, sep="\t")
+    if broken == "no_width":
+        frame = frame.drop(columns=["width"])
+    elif broken == "no_box":
+        frame = frame.drop(columns=["answer"])
+    elif broken == "bad_image":
+        frame.loc[2, "image"] = "bm90IGFuIGltYWdl"  # "not an image"
+    frame.to_csv(path, sep="\t", index=False)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        plugin.IVCPGrounding(dataset="RefCOCO_val")
+    assert str(path) in str(error.value)
+
+
+def test_splits_layouts_and_the_aggregate(lmudata):
     plugin.register()
     from vlmeval.dataset import build_dataset
 
     dataset = build_dataset("RefCOCO+_testB")
-    assert isinstance(dataset, plugin.IVCPGrounding) and len(dataset) == 12
-    message = dataset.build_prompt(dataset.data.iloc[0])
-    assert message[0]["type"] == "image" and Path(message[0]["value"]).is_file()
-    assert message[1]["value"] == f"Locate {dataset.data.iloc[0]['question']} and output the bbox coordinates in JSON format."
+    assert isinstance(dataset, plugin.IVCPGrounding) and len(dataset) == 12 and dataset.layout == "pixels"
     (lmudata / "RefCOCO+_testB.tsv").unlink()  # only the aggregated file left: split by category
     again = build_dataset("RefCOCO+_testB")
     assert len(again) == 12 and list(again.data["question"]) == list(dataset.data["question"])
     for path in lmudata.glob("*.tsv"):
         path.unlink()
-    with pytest.raises(FileNotFoundError, match="ivcp data make-grounding"):
+    with pytest.raises(FileNotFoundError, match="in a folder of their own"):
         plugin.IVCPGrounding(dataset="RefCOCO_val")
 
 
-def test_evaluate_converts_qwen25_boxes_from_the_resized_frame(lmudata, tmp_path):
-    plugin.register()
-    dataset = plugin.IVCPGrounding(dataset="RefCOCO_val")
-    data = dataset.data.copy()
-    predictions = []
-    for i, row in data.iterrows():
-        w, h = int(row["width"]), int(row["height"])
-        rh, rw = plugin.smart_resize(h, w, 28, plugin.MIN_PIXELS, plugin.MAX_PIXELS)
-        x1, y1, x2, y2 = (float(row[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
-        if i % 3 == 0:  # exact box, written in the resized frame as Qwen2.5-VL does
-            predictions.append(f'```json\n[{{"bbox_2d": [{x1 * rw / w:.1f}, {y1 * rh / h:.1f}, {x2 * rw / w:.1f}, {y2 * rh / h:.1f}]}}]\n```')
-        elif i % 3 == 1:  # far away
-            predictions.append('{"bbox_2d": [0, 0, 1, 1]}')
-        else:
-            predictions.append("no idea")
-    data["prediction"] = predictions
-    eval_file = tmp_path / "Qwen2.5-VL-7B-Instruct_IVCP_RefCOCO_val.xlsx"
-    data.drop(columns=["image"]).to_excel(eval_file, index=False)
-    result = dataset.evaluate(str(eval_file))
-    assert result["Acc@0.5"].iloc[0] == pytest.approx(100 * 4 / 12)
-    assert result["unparsed"].iloc[0] == 4
-    assert (tmp_path / "Qwen2.5-VL-7B-Instruct_IVCP_RefCOCO_val_unparsed.csv").is_file()
+# --- statistics and resuming -----------------------------------------------------------------------
 
-
-def test_interrupted_run_resumes_without_recomputing(lmudata, tmp_path, monkeypatch):
-    plugin.register()
+def _run_split(work: Path, name: str, interrupt_at: int | None = None, monkeypatch=None) -> pd.DataFrame:
     from vlmeval.dataset import build_dataset
     from vlmeval.inference import infer_data_job
 
-    dataset = build_dataset("RefCOCO_val")
-    name = "Qwen2.5-VL-Tiny_IVCP"
-    work = tmp_path / "work"
-    work.mkdir()
+    dataset = build_dataset("RefCOCO_val")  # fresh: VLMEvalKit drops the image column of a finished run's data
+
     original = plugin.IVCPQwenVL.generate_inner
+    if interrupt_at is not None:
+        def interrupted(self, message, dataset=None):
+            if plugin.IVCPQwenVL.calls >= interrupt_at:
+                raise KeyboardInterrupt("stopped by the test")
+            return original(self, message, dataset)
 
-    def interrupted(self, message, dataset=None):
-        if plugin.IVCPQwenVL.calls >= 11:
-            raise KeyboardInterrupt("stopped by the test")
-        return original(self, message, dataset)
-
+        monkeypatch.setattr(plugin.IVCPQwenVL, "generate_inner", interrupted)
     plugin.IVCPQwenVL.calls = 0
-    monkeypatch.setattr(plugin.IVCPQwenVL, "generate_inner", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    try:
         infer_data_job(name, work_dir=str(work), model_name=name, dataset=dataset, verbose=False)
-    assert plugin.IVCPQwenVL.calls == 11  # ten answered (VLMEvalKit saved them), the eleventh interrupted
-    monkeypatch.setattr(plugin.IVCPQwenVL, "generate_inner", original)
-    plugin.IVCPQwenVL.calls = 0
-    infer_data_job(name, work_dir=str(work), model_name=name, dataset=dataset, verbose=False)
-    assert plugin.IVCPQwenVL.calls == 2  # only the two unanswered samples ran again
-    predictions = pd.read_excel(next(work.glob(f"{name}_RefCOCO_val.*")))
-    assert len(predictions) == 12
+    finally:
+        if interrupt_at is not None:
+            monkeypatch.setattr(plugin.IVCPQwenVL, "generate_inner", original)
+    return dataset.evaluate(str(next(work.glob(f"{name}_RefCOCO_val.xlsx"))))
+
+
+def test_a_resumed_run_counts_every_sample_once(lmudata, tmp_path, monkeypatch):
+    plugin.register()
+    name = "Qwen2.5-VL-TinyGrounder_IVCP"
+    clean_stats, resumed_stats = tmp_path / "clean_stats", tmp_path / "resumed_stats"
+    monkeypatch.setenv("IVCP_STATS_DIR", str(clean_stats))
+    (tmp_path / "clean").mkdir()
+    clean = _run_split(tmp_path / "clean", name)
+    monkeypatch.setenv("IVCP_STATS_DIR", str(resumed_stats))
+    (tmp_path / "resumed").mkdir()
+    with pytest.raises(KeyboardInterrupt):  # 11 answered and recorded, 10 saved by VLMEvalKit
+        _run_split(tmp_path / "resumed", name, interrupt_at=11, monkeypatch=monkeypatch)
+    with open(resumed_stats / name / "RefCOCO_val.jsonl", "a") as handle:
+        handle.write('{"index": "11", "n_vis')  # a run killed while writing its statistics
+    with pytest.warns(UserWarning, match="ignoring damaged line 12"):
+        resumed = _run_split(tmp_path / "resumed", name)
+    assert plugin.IVCPQwenVL.calls == 2  # only the unsaved samples ran again
+    lines = (resumed_stats / name / "RefCOCO_val.jsonl").read_text().splitlines()
+    assert len(lines) == 11 + 1 + 2  # sample 10 was recorded twice, the damaged line stays on its own
+    assert json.loads(lines[-2])["index"] == "10" and json.loads(lines[-1])["index"] == "11"
+    entries = stats.read(name, "RefCOCO_val", root=resumed_stats)
+    assert sorted(entries, key=int) == [str(i) for i in range(12)]
+    pd.testing.assert_frame_equal(clean, resumed)  # accuracy and Average Tokens, to full precision
+    assert clean["avg_tokens"].iloc[0] == pytest.approx(0.5)
+
+
+# --- the scripts ---------------------------------------------------------------------------------
+
+def _script(name, args, env_extra, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LMUData", "IVCP_STATS_DIR")}
+    env.update(IVCP_WORK_DIR=str(tmp_path / "out"), PY=sys.executable, **env_extra)
+    return subprocess.run(["bash", str(ROOT / "VLMEvalKit" / name), *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
 
 
 def test_embedded_default_grounding_script(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("LMUData", "IVCP_STATS_DIR")}
-    env.update(IVCP_WORK_DIR=str(tmp_path / "out"), PY=sys.executable, PER_SPLIT="2")
-    run = subprocess.run(["bash", str(ROOT / "VLMEvalKit/test_ivcp_qwen_grounding.sh")], capture_output=True, text=True,
-                         env=env, cwd=tmp_path)
+    run = _script("test_ivcp_qwen_grounding.sh", [], {"PER_SPLIT": "2"}, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    table = [line for line in run.stdout.split("lenient parse")[0].splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "fastv", "pdrop", "vscan", "ivc_prune"]
     assert table[1].split("|")[2].strip() == "100%"
     assert table[-1].split("|")[2].strip() == "50%"
-    assert (tmp_path / "out/results/grounding_Qwen2.5-VL-Tiny.md").is_file()
+    assert (tmp_path / "out/results/grounding_Qwen2.5-VL-TinyGrounder.md").is_file()
+    assert (tmp_path / "out/results/grounding_Qwen2.5-VL-TinyGrounder_lenient.md").is_file()
 
 
-def test_scripts_refuse_bad_input(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "LMUData"}
-    env.update(IVCP_WORK_DIR=str(tmp_path), PY=sys.executable)
-    general = subprocess.run(["bash", str(ROOT / "VLMEvalKit/test_ivcp_qwen_generalvqa.sh")], capture_output=True,
-                             text=True, env=env)
-    assert general.returncode == 2 and "set LMUData" in general.stderr
-    unknown = subprocess.run(["bash", str(ROOT / "VLMEvalKit/test_ivcp_qwen_grounding.sh"), "--modles", "x"],
-                             capture_output=True, text=True, env=env)
-    assert unknown.returncode == 2 and "unknown argument --modles" in unknown.stderr
+def test_scripts_exit_non_zero_on_every_failure(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one = ["--data", "RefCOCO_val", "--methods", "vanilla", "--models", "Qwen2.5-VL-Tiny"]
+    run = _script("test_ivcp_qwen_grounding.sh", one, {"LMUData": str(empty)}, tmp_path)
+    assert run.returncode == 1 and "FAILED" in run.stderr and "Qwen2.5-VL-Tiny x RefCOCO_val" in run.stderr
+    broken = tmp_path / "broken"
+    make_grounding(broken, per_split=2, splits=("RefCOCO_val",), layout="authors")
+    frame = pd.read_csv(broken / "RefCOCO_val.tsv", sep="\t").drop(columns=["height"])
+    frame.to_csv(broken / "RefCOCO_val.tsv", sep="\t", index=False)
+    run = _script("test_ivcp_qwen_grounding.sh", one, {"LMUData": str(broken)}, tmp_path)
+    assert run.returncode == 1 and "missing column(s) height" in run.stdout + run.stderr
+    assert not list((tmp_path / "out").rglob("*RefCOCO_val.xlsx"))  # failed before any inference
+    run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL"], {"LMUData": str(empty)}, tmp_path)
+    assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr
+    run = _script("test_ivcp_qwen_generalvqa.sh", [], {}, tmp_path)
+    assert run.returncode == 2 and "set LMUData" in run.stderr
+    run = _script("test_ivcp_qwen_grounding.sh", ["--modles", "x"], {}, tmp_path)
+    assert run.returncode == 2 and "unknown argument --modles" in run.stderr
+
+
+def test_run_py_refuses_unknown_model_names(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "VLMEvalKit/run.py"), "--data", "RefCOCO_val", "--model", "Nope_IVCP",
+                          "--work-dir", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "unknown model name(s): Nope_IVCP" in run.stderr

@@ -7,6 +7,21 @@ Box conventions of the families (METHODS.md, "Paper settings"):
 - Qwen2-VL answers ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` normalised to 0–1000.
 - A bare ``[x1, y1, x2, y2]`` is read in the family's own convention.
 A malformed answer gives no box (scored 0) and a reason, never an exception.
+
+Two metrics, both reported:
+- ``paper`` (the authors' Grounding_COCO.evaluate, the tables' primary column): a strict integer parse
+  of ``"bbox_2d": [x1, y1, x2, y2]`` (Qwen2-VL: ``(x1,y1),(x2,y2)`` / 1000), [0, 0, 0, 0] when it
+  fails; a box whose numbers are all ≤ 1.1 is read as normalised and scaled by the TSV's width and
+  height; IoU ≥ 0.5 against the first ground-truth box in the frame resized to
+  round(h/28)·28 × round(w/28)·28 (their convert_to_tsv.py --qwen25), no clamping.
+- ``lenient`` (ours): :func:`parse_box` (JSON, code fences, floats, bare lists), mapped to the original
+  image and clamped; IoU ≥ 0.5 in the original frame.
+
+Grounding TSVs come in three layouts, recognised by their columns (all need index, image, question,
+width, height): ``pixels`` (bbox_x1..bbox_y2 in original pixels: ivcp's and upstream VLMEvalKit's,
+per split or the aggregated RefCOCO.tsv with a category/split column), ``normalised`` (upstream's
+bbox_x1_norm..bbox_y2_norm in 0–1) and ``authors`` (answer = "x1 y1 x2 y2 ..." integers in the
+round(·/28)·28 frame, several boxes as 4·k numbers).
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from ..adapters.qwen2_5_vl import smart_resize  # noqa: F401  (re-exported: the resized frame)
 
@@ -23,12 +39,22 @@ GROUNDING_SPLITS = ("RefCOCO_testA", "RefCOCO_testB", "RefCOCO_val", "RefCOCO+_t
 BOX_CONVENTIONS = ("resized_pixels", "norm1000")
 FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000"}
 
-QWEN25_PROMPT = "Locate {expression} and output the bbox coordinates in JSON format."
+# The authors' grounding prompts (their Qwen2VLPromptMixin._build_vg_prompt), the text after the image:
+# Qwen2.5-VL asks for JSON; Qwen2-VL uses its object-reference tokens (the authors also cut the
+# expression's last character, ``question[:-1]``: we keep the whole expression, see PROTOCOL notes).
+GROUNDING_PROMPTS = {
+    "qwen2_5_vl": "\nLocate {expression} and output the bbox coordinates in JSON format.",
+    "qwen2_vl": "\n<|object_ref_start|>Detect {expression}<|object_ref_end|>",
+}
 
 
-def grounding_prompt(expression: str) -> str:
-    """The paper's Qwen2.5-VL grounding prompt."""
-    return QWEN25_PROMPT.format(expression=expression.strip())
+def grounding_prompt(expression: str, family: str = "qwen2_5_vl") -> str:
+    """The authors' grounding prompt of a model family (the text that follows the image)."""
+    if family not in GROUNDING_PROMPTS:
+        raise ValueError(f"no grounding prompt for model family {family!r}; known: {', '.join(GROUNDING_PROMPTS)}")
+    if family == "qwen2_vl":
+        expression = expression.lower()
+    return GROUNDING_PROMPTS[family].format(expression=expression)
 
 
 _NUMBER = r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?"
@@ -121,3 +147,139 @@ def grounding_scores(rows, threshold: float = 0.5) -> dict[str, dict[str, float]
         stats["unparsed"] += pred is None
     return {split: {"acc": 100.0 * s["hits"] / s["n"], "miou": s["iou_sum"] / s["n"], "n": s["n"],
                     "unparsed": s["unparsed"]} for split, s in out.items()}
+
+
+# --- the authors' metric ---------------------------------------------------------------------------
+
+_PAPER_QWEN25 = re.compile(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]')
+_PAPER_QWEN2 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
+PAPER_PATCH = 28  # the authors' TSVs: boxes in the round(h / 28) * 28 x round(w / 28) * 28 frame
+
+
+def paper_prediction(text: str, family: str) -> tuple[float, float, float, float]:
+    """The box the authors' code extracts from an answer: [0, 0, 0, 0] when the strict pattern fails.
+    Qwen2-VL's (x, y) pairs are divided by 1000 as theirs are."""
+    if family == "qwen2_vl":
+        match = _PAPER_QWEN2.search(text or "")
+        return tuple(int(v) / 1000.0 for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
+    match = _PAPER_QWEN25.search(text or "")
+    return tuple(float(int(v)) for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
+
+
+def paper_frame(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the authors' ground-truth frame."""
+    return round(width / PAPER_PATCH) * PAPER_PATCH, round(height / PAPER_PATCH) * PAPER_PATCH
+
+
+def paper_iou(prediction: tuple[float, ...], truth: tuple[float, ...], width: int, height: int) -> float:
+    """IoU as the authors compute it: normalised predictions (every number ≤ 1.1) scaled by the TSV's
+    width / height, no clamping, no +1, float32 with a 1e-6 floor on the union."""
+    import numpy as np
+
+    pred = np.asarray(prediction, dtype=np.float64)
+    if np.all(pred <= 1.1):
+        pred = pred * np.array([width, height, width, height], dtype=np.float64)
+    pred, gt = pred.astype(np.float32), np.asarray(truth[:4], dtype=np.float32)
+    area_p = (pred[2] - pred[0]) * (pred[3] - pred[1])
+    area_g = (gt[2] - gt[0]) * (gt[3] - gt[1])
+    overlap = max(min(pred[2], gt[2]) - max(pred[0], gt[0]), 0) * max(min(pred[3], gt[3]) - max(pred[1], gt[1]), 0)
+    return float(overlap / max(area_p + area_g - overlap, np.float32(1e-6)))
+
+
+# --- grounding TSVs ------------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = ("index", "image", "question", "width", "height")
+LAYOUT_COLUMNS = {"pixels": ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"),
+                  "normalised": ("bbox_x1_norm", "bbox_y1_norm", "bbox_x2_norm", "bbox_y2_norm"),
+                  "authors": ("answer",)}
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """A sample's target box in the original image (``box``, floats) and in the authors' frame
+    (``paper_box``, the integers their metric compares with)."""
+
+    box: tuple[float, float, float, float]
+    paper_box: tuple[float, float, float, float]
+
+
+def grounding_layout(columns: Iterable[str], source: str = "the TSV") -> str:
+    """The layout of a grounding TSV from its columns; ValueError naming the missing columns."""
+    present = set(columns)
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; a grounding TSV needs "
+                         f"{', '.join(REQUIRED_COLUMNS)} and a box (bbox_x1..bbox_y2, bbox_x1_norm..bbox_y2_norm "
+                         "or the authors' `answer`)")
+    for layout, needed in LAYOUT_COLUMNS.items():
+        if all(c in present for c in needed):
+            return layout
+    raise ValueError(f"{source}: no box columns: expected bbox_x1, bbox_y1, bbox_x2, bbox_y2 (pixels), "
+                     "bbox_x1_norm..bbox_y2_norm (normalised) or `answer` with \"x1 y1 x2 y2\" (the authors' layout)")
+
+
+def ground_truth(row: Mapping, layout: str) -> GroundTruth:
+    """A row's target box in both frames; ValueError (naming the row's index) when it is unusable."""
+    index = row.get("index")
+    try:
+        width, height = float(row["width"]), float(row["height"])
+        if not (width > 0 and height > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"row index {index}: width/height must be positive numbers, got "
+                         f"{row.get('width')!r} x {row.get('height')!r}") from None
+    frame_w, frame_h = paper_frame(int(width), int(height))
+    sx, sy = frame_w / width, frame_h / height
+    try:
+        if layout == "authors":
+            numbers = [float(v) for v in str(row["answer"]).split()]
+            if not numbers or len(numbers) % 4:
+                raise ValueError
+            paper = tuple(numbers[:4])
+            box = (paper[0] / sx, paper[1] / sy, paper[2] / sx, paper[3] / sy)
+        else:
+            columns = LAYOUT_COLUMNS[layout]
+            box = tuple(float(row[c]) for c in columns)
+            if layout == "normalised":
+                box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+            paper = (float(int(round(box[0] * sx))), float(int(round(box[1] * sy))),
+                     float(int(round(box[2] * sx))), float(int(round(box[3] * sy))))
+        if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError
+    except (TypeError, ValueError, KeyError):
+        shown = row.get("answer") if layout == "authors" else [row.get(c) for c in LAYOUT_COLUMNS[layout]]
+        raise ValueError(f"row index {index}: unusable ground-truth box {shown!r} ({layout} layout)") from None
+    return GroundTruth(box, paper)
+
+
+def check_grounding_rows(rows: Iterable[Mapping], layout: str, source: str = "the TSV", images: bool = True) -> None:
+    """Validate every row before any inference: distinct indices, usable boxes and sizes, and (with
+    ``images``) decodable images; ValueError naming the file and the offending indices."""
+    import base64
+    import binascii
+    import io
+
+    seen: dict[str, int] = {}
+    duplicates, problems = [], []
+    for row in rows:
+        key = str(row.get("index"))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == 2:
+            duplicates.append(key)
+        try:
+            ground_truth(row, layout)
+        except ValueError as error:
+            problems.append(str(error))
+        if images:
+            try:
+                from PIL import Image
+
+                Image.open(io.BytesIO(base64.b64decode(str(row["image"]), validate=False))).verify()
+            except (OSError, ValueError, binascii.Error, SyntaxError):
+                problems.append(f"row index {key}: the image does not decode")
+    if duplicates:
+        problems.insert(0, f"duplicate index value(s) {', '.join(duplicates[:10])}: predictions are stored by index, "
+                           "so each row needs its own")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(f"{source}: " + "; ".join(problems[:10]) + more)

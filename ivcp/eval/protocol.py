@@ -1,0 +1,114 @@
+"""The evaluation protocol: which models, which settings, which names (from ``configs/eval.toml``).
+
+No VLMEvalKit here: the plugin, the scripts and the result tables all read these definitions, so a
+model name means the same thing everywhere. A VLMEvalKit model name is
+
+    <model><method suffix><prompt-protocol suffix>     e.g. Qwen2.5-VL-7B-Instruct_IVCP
+                                                            Qwen2.5-VL-7B-Instruct_DatasetPrompt
+
+(the default protocol, ``authors``, has no suffix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import eval_config
+
+_EVAL = eval_config()
+PROTOCOLS: dict[str, str] = {name: entry["suffix"] for name, entry in _EVAL["prompts"]["protocols"].items()}
+DEFAULT_PROTOCOL: str = _EVAL["prompts"]["default"]
+GENERATION: dict[str, Any] = dict(_EVAL["generation"])
+METHODS: dict[str, dict] = _EVAL["methods"]
+# method suffix -> ivcp method name (None: the unpruned model)
+METHOD_BY_SUFFIX: dict[str, str | None] = {entry["suffix"]: (None if name == "vanilla" else name)
+                                           for name, entry in METHODS.items()}
+METHOD_BY_SUFFIX.update(_EVAL.get("suffix_aliases", {}))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of configs/eval.toml."""
+
+    name: str
+    family: str
+    hub_id: str  # or "tiny:<what>" for the offline models
+    min_pixels: int
+    max_pixels: int
+    generation: dict = field(default_factory=dict)  # [generation] with this model's overrides
+    paper_label: str = ""
+
+    @property
+    def offline(self) -> bool:
+        return self.hub_id.startswith("tiny:")
+
+
+def _entry(name: str, raw: dict) -> ModelEntry:
+    generation = dict(GENERATION)
+    if "max_new_tokens" in raw:
+        generation["max_new_tokens"] = raw["max_new_tokens"]
+    generation.update(raw.get("generation", {}))
+    return ModelEntry(name, raw["family"], raw["hub_id"], int(raw["min_pixels"]), int(raw["max_pixels"]), generation,
+                      raw.get("paper_label", ""))
+
+
+MODELS: dict[str, ModelEntry] = {name: _entry(name, raw) for name, raw in _EVAL["models"].items()}
+
+
+@dataclass(frozen=True)
+class RunName:
+    """What a VLMEvalKit model name stands for."""
+
+    name: str
+    model: ModelEntry
+    method: str | None  # None: unpruned
+    method_params: dict
+    protocol: str
+
+
+def method_params(method: str | None) -> dict:
+    """The harness's parameters of a method (configs/eval.toml) on top of the model's defaults."""
+    return dict(METHODS.get(method or "vanilla", {}).get("params", {}))
+
+
+def run_name(model: str, method: str = "vanilla", protocol: str = DEFAULT_PROTOCOL) -> str:
+    """The VLMEvalKit model name of ``model`` run with ``method`` under a prompt ``protocol``."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; ivcp's models: {', '.join(MODELS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} for the harness; known: {', '.join(METHODS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown prompt protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return model + METHODS[method]["suffix"] + PROTOCOLS[protocol]
+
+
+def all_run_names() -> dict[str, RunName]:
+    """Every name ivcp registers: each model × each method suffix (aliases too) × each protocol."""
+    names = {}
+    for model in MODELS.values():
+        for suffix, method in METHOD_BY_SUFFIX.items():
+            for protocol, protocol_suffix in PROTOCOLS.items():
+                name = model.name + suffix + protocol_suffix
+                names[name] = RunName(name, model, method, method_params(method), protocol)
+    return names
+
+
+def parse_run_name(name: str) -> RunName:
+    """The model, method and protocol of a registered name (ValueError naming the known ones if not)."""
+    names = all_run_names()
+    if name not in names:
+        close = sorted(n for n in names if n.split("_")[0] == name.split("_")[0])[:8]
+        raise ValueError(f"{name!r} is not one of ivcp's model names"
+                         + (f"; e.g. {', '.join(close)}" if close else f"; models: {', '.join(MODELS)}"))
+    return names[name]
+
+
+def generate_kwargs(generation: dict) -> dict:
+    """Keyword arguments for ``model.generate`` from a [generation] table: every setting explicit, so
+    the checkpoint's generation_config (e.g. Qwen2.5-VL's repetition_penalty 1.05) cannot leak in."""
+    kwargs = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": bool(generation["do_sample"]),
+              "repetition_penalty": float(generation["repetition_penalty"])}
+    if not kwargs["do_sample"]:  # greedy: neutral sampling settings, so none is carried over or warned about
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+    return kwargs
