@@ -185,6 +185,17 @@ def list_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def list_models(args: argparse.Namespace) -> int:
+    """The harness's VLMEvalKit model names (configs/eval.toml), one line each."""
+    from ivcp.eval.protocol import all_run_names
+
+    for name, run in all_run_names().items():
+        if args.family and run.model.family != args.family:
+            continue
+        print(f"{name:<48} {run.model.family:<11} {run.method or 'vanilla':<13} {run.protocol:<8} {run.model.hub_id}")
+    return 0
+
+
 def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -264,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
     p.set_defaults(func=list_methods)
+
+    p = sub.add_parser("models", help="list the evaluation harness's model names (model x method x prompt protocol)")
+    p.add_argument("--family", default="", help="only this model family")
+    p.set_defaults(func=list_models)
     return parser
 
 

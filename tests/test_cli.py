@@ -32,3 +32,15 @@ def test_bad_method_is_a_clear_error(capsys):
 def test_module_entry_point_lists_methods():
     out = subprocess.run([sys.executable, "-m", "ivcp", "methods"], capture_output=True, text=True, check=True).stdout
     assert re.search(r"^ivc_prune\s+IVC-Prune", out, re.M)
+
+
+def test_models_lists_every_harness_name():
+    from ivcp.eval.protocol import all_run_names
+
+    out = main(["models"])
+    assert out == 0
+    out = subprocess.run([sys.executable, "-m", "ivcp", "models", "--family", "qwen2_vl"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    names = [line.split()[0] for line in out]
+    assert names == [n for n, run in all_run_names().items() if run.model.family == "qwen2_vl"]
+    assert "Qwen2-VL-7B-Instruct_IVCP_DatasetPrompt" in names
