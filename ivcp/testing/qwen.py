@@ -1,9 +1,7 @@
-"""Tiny, deterministic, offline Qwen-VL models for tests, demos and benchmarks.
+"""Tiny Qwen2-VL / Qwen2.5-VL models (random) and the tiny grounder (trained, shipped).
 
-Nothing here touches the hub: the tokenizer is a byte-level tokenizer built in memory (one token per
-UTF-8 byte plus Qwen's special tokens), the image processor is transformers'
-``Qwen2VLImageProcessorPil`` (no torchvision), and the weights are drawn from a seeded generator.
-The architecture is the real one (vision tower, 2x2 merger, M-RoPE decoder), only small.
+The architecture is the real one (vision tower, 2x2 merger, M-RoPE decoder), only small; the image
+processor is transformers' ``Qwen2VLImageProcessorPil`` (no torchvision).
 """
 
 from __future__ import annotations
@@ -13,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from .common import printable_only, seeded, widen_init
+from .tokenizer import byte_tokenizer
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
@@ -66,36 +66,8 @@ _VISION_2 = dict(
 
 
 def tiny_tokenizer():
-    """A byte-level tokenizer: 256 byte tokens, then Qwen's special tokens (ids 256..263)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    # ByteLevel's alphabet is unordered; order it by the byte each character stands for.
-    order = sorted(byte_chars, key=_byte_of_char)
-    vocab = {ch: i for i, ch in enumerate(order)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS),
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def _byte_of_char(ch: str) -> int:
-    # Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256+i.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    code = ord(ch)
-    if code in printable:
-        return code
-    others = [b for b in range(256) if b not in printable]
-    return others[code - 256]
+    """The byte-level tokenizer with Qwen's special tokens (ids 256..263) and Qwen's chat layout."""
+    return byte_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
 def tiny_processor(family: str = "qwen2_5_vl", min_pixels: int = 4 * 28 * 28,
@@ -203,25 +175,19 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
     else:
         from transformers import Qwen2VLForConditionalGeneration as Model
-    with _seeded(seed):
+    with seeded(seed):
         model = Model(config)
-        # Random init is too tame to tell tokens apart; widen it so that pruning visibly matters.
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                torch.nn.init.normal_(param, std=1.0 / math.sqrt(param.shape[-1]))
+        widen_init(model)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
-    # A random model would emit vision markup and stray bytes; a real one does not. Let the tiny one
-    # generate printable ASCII (byte token id = byte value) and <|im_end|> only.
-    allowed = set(range(32, 127)) | {config.text_config.eos_token_id}
-    model.generation_config.suppress_tokens = [i for i in range(config.text_config.vocab_size) if i not in allowed]
+    printable_only(model, config.text_config.vocab_size, config.text_config.eos_token_id)
     return model, tiny_processor(family)
 
 
 # --- the tiny grounder: trained weights shipped with the package -----------------------------------
 
-GROUNDER_DIR = Path(__file__).resolve().parent / "checkpoints" / "tiny_grounder"
+GROUNDER_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_grounder"
 
 
 def grounder_config(rope_theta: float = 10.0, head_dim: int = 32, num_hidden_layers: int = 4,
@@ -264,75 +230,6 @@ def tiny_grounder(path: str | Path | None = None, dtype: torch.dtype = torch.flo
     return model, tiny_processor("qwen2_5_vl")
 
 
-class _seeded:
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Generated inputs
-
-
-def make_image(width: int = 224, height: int = 168, seed: int = 0):
-    """A deterministic RGB test picture: a colour gradient with a few filled shapes."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                     np.full_like(x, int(rng.integers(0, 256)))], axis=-1).astype(np.uint8)
-    image = Image.fromarray(base, "RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
-        x1, y1 = x0 + int(rng.integers(width // 8, width // 3)), y0 + int(rng.integers(height // 8, height // 3))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        if rng.random() < 0.5:
-            draw.rectangle([x0, y0, x1, y1], fill=colour)
-        else:
-            draw.ellipse([x0, y0, x1, y1], fill=colour)
-    return image
-
-
-def make_inputs(processor, prompt: str = "Describe the picture.", images=None, video_frames: int = 0,
-                video_size: tuple[int, int] = (112, 84)) -> dict:
-    """Chat-formatted model inputs for ``images`` (PIL images, in order) and/or one video.
-
-    The video path needs no video processor: ``video_frames`` frames (a multiple of the temporal
-    patch size, 2) of ``video_size`` are patchified as Qwen's video tower expects.
-    """
-    images = list(images or [])
-    content: list[dict] = [{"type": "image"} for _ in images]
-    if video_frames:
-        content.append({"type": "video"})
-    content.append({"type": "text", "text": prompt})
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    video: dict = {}
-    if video_frames:
-        if video_frames % 2:
-            raise ValueError("video_frames must be a multiple of the temporal patch size (2)")
-        frames = [make_image(*video_size, seed=100 + i) for i in range(video_frames)]
-        pixel_values, grid = _patchify_video(processor.image_processor, frames)
-        video = dict(pixel_values_videos=pixel_values, video_grid_thw=grid)
-        merge = processor.image_processor.merge_size ** 2
-        text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
-    data = processor(text=text, images=images or None)
-    data.update(video)
-    return data
-
-
 def _mm_token_types(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -342,17 +239,6 @@ def _mm_token_types(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return types
 
 
-def _patchify_video(image_processor, frames) -> tuple[torch.Tensor, torch.Tensor]:
-    per_frame = image_processor(images=frames, return_tensors="pt")
-    grids = per_frame["image_grid_thw"]
-    if not bool((grids == grids[0]).all()):
-        raise ValueError("all video frames must have the same size")
-    t_patch = image_processor.temporal_patch_size
-    _, h, w = (int(v) for v in grids[0])
-    # Each frame was repeated temporal_patch_size times by the image processor; keep one copy of each
-    # frame and pair consecutive frames into one temporal patch instead.
-    channels, patch = 3, image_processor.patch_size
-    x = per_frame["pixel_values"].view(len(frames), h * w, channels, t_patch, patch, patch)[:, :, :, 0]
-    x = x.view(len(frames) // t_patch, t_patch, h * w, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
-    x = x.reshape(len(frames) // t_patch * h * w, channels * t_patch * patch * patch)
-    return x.contiguous(), torch.tensor([[len(frames) // t_patch, h, w]])
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown Qwen tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
