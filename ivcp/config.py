@@ -78,6 +78,13 @@ def method_defaults(family: str, method: str, num_hidden_layers: int, hidden_siz
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
 
 
+def authors_params(family: str, method: str) -> dict[str, Any]:
+    """The authors' own settings of ``method`` for a family (``[authors.<method>]``: their code's
+    choices where they differ from ivcp's defaults), {} when there are none."""
+    params = family_config(family).get("authors", {}).get(method, {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
 def family_rope(family: str):
     """The released checkpoints' decoder rotary parameters of a family (``[rope]`` in its config)."""
     from .adapters.base import RopeSpec

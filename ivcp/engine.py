@@ -145,15 +145,16 @@ class SelectionContext:
         pos = self._state.position_ids[:, 0, segment.start: segment.end]
         return pos[0] if pos.shape[0] == 1 else pos
 
-    def text_queries(self, segment: Segment) -> torch.Tensor:
+    def text_queries(self, segment: Segment, offset: int = 0) -> torch.Tensor:
         """Text tokens that query a segment: those after it up to the end of the prompt (vision
-        markup and other visual tokens excluded); if none, those before it in the same chat turn."""
+        markup and other visual tokens excluded); if none, those before it in the same chat turn.
+        ``offset`` k: only those from ``segment.end + k`` on (the authors' code starts at k = 2)."""
         state, adapter = self._state, self._session.adapter
         ids = state.input_ids[0]
         index = torch.arange(state.seq_len, device=ids.device)
         markers = torch.tensor(sorted(adapter.marker_token_ids), device=ids.device)
         text = ~state.visual & ~torch.isin(ids, markers)
-        after = text & (index >= segment.end)
+        after = text & (index >= segment.end + offset)
         if after.any():
             return index[after]
         before = text & (index < segment.start)
@@ -220,6 +221,11 @@ class SelectionContext:
     def vision_local_block(self) -> int:
         """The model's default local-attention vision block (Qwen2.5-VL: its first full-attention block)."""
         return self._session.adapter.vision_local_block
+
+    @property
+    def vision_global_block(self) -> int:
+        """The last vision block whose output reaches the LLM."""
+        return self._session.adapter.vision_global_block
 
     @property
     def vision_depth(self) -> int:
@@ -347,17 +353,11 @@ class PruneSession:
 
     # --- vision tower -----------------------------------------------------------------------------
     def _on_vision(self, module, args, kwargs):
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._vision_calls.append({"grid_thw": grid, "blocks": {}})
+        self._vision_calls.append({"args": args, "kwargs": kwargs, "blocks": {}})
 
     def _on_vision_block(self, block: int, module, args, kwargs):
         if self._vision_calls:
-            self._vision_calls[-1]["blocks"][block] = {
-                "module": module,
-                "hidden_states": kwargs.get("hidden_states", args[0] if args else None),
-                "cu_seqlens": kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None),
-                "position_embeddings": kwargs.get("position_embeddings"),
-            }
+            self._vision_calls[-1]["blocks"][block] = {"module": module, "args": args, "kwargs": kwargs}
 
     def vision_attention(self, segments: list[Segment], block: int) -> dict[Segment, torch.Tensor]:
         """Received attention of vision block ``block`` per segment. The tower encodes the images
@@ -367,7 +367,7 @@ class PruneSession:
             for call in self._vision_calls:
                 if block not in call["blocks"]:
                     raise ValueError(f"vision block {block} did not run for this prompt")
-                per_frame += self.adapter.received_attention(call["grid_thw"], call["blocks"][block])
+                per_frame += self.adapter.received_attention(call, call["blocks"][block])
             ordered = sorted(segments, key=lambda s: (s.kind != "image", s.source, s.frame))
             if [t.numel() for t in per_frame] != [s.n for s in ordered]:
                 raise ValueError("the vision tower's outputs do not line up with the prompt's visual segments")
@@ -485,19 +485,16 @@ class PruneSession:
         keep |= torch.isin(state.kept, chosen)
         new_kept = state.kept[keep]
         local = keep.nonzero().flatten()
-        if self.method.trims_earlier_layers and state.cache is not None:
-            for earlier in range(layer):
-                tokens = state.layer_tokens[earlier]
-                if tokens.numel() == new_kept.numel():
-                    continue
+        for earlier in self.method.trimmed_layers(layer):  # IVC-Prune-style: earlier layers' KV cut too
+            tokens = state.layer_tokens[earlier]
+            if tokens.numel() == new_kept.numel():
+                continue
+            if state.cache is not None:
                 idx = torch.searchsorted(tokens, new_kept)
                 cached = state.cache.layers[earlier]
                 cached.keys = cached.keys[:, :, idx]
                 cached.values = cached.values[:, :, idx]
-                state.layer_tokens[earlier] = new_kept
-        elif self.method.trims_earlier_layers:
-            for earlier in range(layer):
-                state.layer_tokens[earlier] = new_kept
+            state.layer_tokens[earlier] = new_kept
         if getattr(self.method, "position_policy", "keep") == "renumber":
             # close the gaps the dropped tokens leave: each kept token moves down by the number of
             # tokens dropped before it (1-D RoPE: positions become 0..n−1, as PDrop does)

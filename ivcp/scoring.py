@@ -102,28 +102,32 @@ def ivc_token_set(v: torch.Tensor, u: torch.Tensor, ratio: float) -> torch.Tenso
     return torch.unique(torch.cat([top_k(v, k), top_k(u, k)]))
 
 
-def value_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """softmax over the N keys of (q · kᵀ / √d) per head, averaged over heads (float32).
+def value_attention(queries: torch.Tensor, keys: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the keys of (q · kᵀ / √d) per head, averaged over heads (float32), no mask.
 
-    ``queries`` (H, Q, d), ``keys`` (H, N, d) → (Q, N).
-    """
+    ``queries`` (H, Q, d), ``keys`` (H, S, d) → (Q, S); with ``columns`` only those key columns are
+    returned (the softmax still runs over all S keys)."""
     q, k = queries.float(), keys.float()
     logits = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
-    return logits.softmax(-1).mean(0)
+    probs = logits.softmax(-1).mean(0)
+    return probs if columns is None else probs[:, columns]
 
 
-def foreground_scores(text_values: torch.Tensor, image_values: torch.Tensor, seed_ratio: float, stages: int = 2
+def foreground_scores(text_values: torch.Tensor, image_values: torch.Tensor, seed_ratio: float, stages: int = 2,
+                      context_values: torch.Tensor | None = None, image_columns: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-stage foreground from value vectors (eq. 9, 10).
 
     Stage 1: s = mean over text rows of value_attention(V_text, V_img); seeds = top max(1, round(seed_ratio·N)).
     Stage 2: f = mean over text rows and seed rows (V_img[seeds] as queries) of value_attention.
-    ``text_values`` (H, L, d), ``image_values`` (H, N, d). Returns (s, seeds, f); with ``stages=1``
-    f = s and there are no seeds.
+    ``text_values`` (H, L, d), ``image_values`` (H, N, d). The softmax runs over the N image tokens, or,
+    with ``context_values`` (H, S, d) and ``image_columns`` (the image's N positions among them), over
+    every token of the prompt (the authors' LLaVA / InternVL code). Returns (s, seeds, f); with
+    ``stages=1`` f = s and there are no seeds.
     """
-    text_rows = value_attention(text_values, image_values)  # (L, N)
-    return foreground_from_rows(text_rows, lambda seeds: value_attention(image_values[:, seeds], image_values),
-                                seed_ratio, stages)
+    keys = image_values if context_values is None else context_values
+    rows = lambda queries: value_attention(queries, keys, image_columns)  # noqa: E731
+    return foreground_from_rows(rows(text_values), lambda seeds: rows(image_values[:, seeds]), seed_ratio, stages)
 
 
 def foreground_from_rows(text_rows: torch.Tensor, seed_rows, seed_ratio: float, stages: int = 2

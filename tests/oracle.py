@@ -4,7 +4,8 @@ It runs the *unpruned* model without any cache over the prompt plus the tokens g
 and replaces each decoder layer's attention mask by one that hides the dropped visual tokens:
 - from every query at layers ≥ the stage that dropped them;
 - when the method cuts the earlier layers' cache too (IVC-Prune), also from the decode queries at
-  every layer (at layers < K the prompt itself still sees everything).
+  those layers (at layers < K the prompt itself still sees everything; a layer whose cache is not
+  cut, e.g. layer 0 in the authors' LLaVA code, lets decode queries see them).
 Options reproduce the other mechanics without slicing: replaced input embeddings (VScan's merge at
 layer 0) and renumbered prompt positions at layers ≥ a stage (PDrop's ``renumber``).
 No slicing, no cache trimming, positions computed by the model itself: if the engine's slicing,
@@ -17,8 +18,12 @@ import torch
 
 
 def layer_masks(n_prompt: int, n_total: int, stages: list[tuple[int, torch.Tensor]], num_layers: int,
-                trims_earlier_layers: bool, dtype: torch.dtype) -> list[torch.Tensor]:
-    """One additive (1, 1, T, T) mask per layer. ``stages``: (layer K, kept input indices after it)."""
+                trimmed_layers, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One additive (1, 1, T, T) mask per layer. ``stages``: (layer K, kept input indices after it);
+    ``trimmed_layers``: the layers < K whose cache the method cuts (True: all, False: none)."""
+    if isinstance(trimmed_layers, bool):
+        trimmed_layers = range(num_layers) if trimmed_layers else ()
+    trimmed_layers = set(trimmed_layers)
     q = torch.arange(n_total)[:, None]
     k = torch.arange(n_total)[None, :]
     causal = k <= q
@@ -36,7 +41,7 @@ def layer_masks(n_prompt: int, n_total: int, stages: list[tuple[int, torch.Tenso
                 gone[n_prompt:] = False
                 hidden_keys |= gone
         visible = causal & ~hidden_keys[None, :]
-        if trims_earlier_layers:
+        if layer in trimmed_layers:
             visible &= ~(decode_rows & final_dropped[None, :])
         visible |= torch.eye(n_total, dtype=torch.bool)  # no empty rows for dropped queries
         mask = torch.zeros(n_total, n_total, dtype=dtype)
@@ -64,7 +69,7 @@ def renumbered_positions(position_ids: torch.Tensor, stages: list[tuple[int, tor
 
 @torch.no_grad()
 def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tuple[int, torch.Tensor]],
-                  trims_earlier_layers: bool, embedding_updates: dict[int, torch.Tensor] | None = None,
+                  trimmed_layers, embedding_updates: dict[int, torch.Tensor] | None = None,
                   renumber: bool = False) -> torch.Tensor:
     """Logits (steps, vocab) for each generated step, from the masked no-cache oracle.
 
@@ -79,11 +84,15 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
     steps = generated.shape[-1]
     full_ids = torch.cat([inputs["input_ids"], generated.view(1, -1)], dim=1)
     n_total = full_ids.shape[1]
-    masks = layer_masks(n_prompt, n_total, stages, len(adapter.layers), trims_earlier_layers, model.dtype)
+    masks = layer_masks(n_prompt, n_total, stages, len(adapter.layers), trimmed_layers, model.dtype)
     captured: dict = {}
 
     def on_text_model(module, args, kwargs):
-        pos = kwargs["position_ids"]
+        pos = kwargs.get("position_ids")
+        if pos is None:  # 1-D RoPE models number the tokens themselves
+            pos = torch.arange(n_total)[None]
+        if pos.dim() == 2:
+            pos = pos[None]
         captured["positions"] = pos[1:] if pos.shape[0] == 4 else pos
 
     handles = [adapter.text_model.register_forward_pre_hook(on_text_model, with_kwargs=True)]
@@ -113,9 +122,13 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
             extra = torch.zeros(1, steps, dtype=feed["mm_token_type_ids"].dtype)
             feed["mm_token_type_ids"] = torch.cat([feed["mm_token_type_ids"], extra], dim=1)
         if renumber:
-            pos, _ = model.model.get_rope_index(**_rope_args(model, feed))
+            if hasattr(model.model, "get_rope_index"):  # M-RoPE
+                pos, _ = model.model.get_rope_index(**_rope_args(model, feed))
+            else:
+                pos = torch.arange(n_total)[None, None]
             captured["renumbered"] = renumbered_positions(pos[:, 0, :n_prompt], stages)
-        model.model.rope_deltas = None
+        if hasattr(model.model, "rope_deltas"):
+            model.model.rope_deltas = None
         logits = model(**feed, use_cache=False).logits[0]
     finally:
         for handle in handles:
@@ -133,3 +146,33 @@ def _rope_args(model, feed: dict) -> dict:
 def record_stages(record) -> list[tuple[int, torch.Tensor]]:
     """(layer, kept) per stage from an engine record — the *selection*, which the oracle takes as given."""
     return [(stage["layer"], stage["kept"]) for stage in record.stages]
+
+
+def trimmed_layers(session) -> set[int]:
+    """The layers whose cache the session's method cut, at its last selection."""
+    stages = session.last.stages
+    return set(session.method.trimmed_layers(stages[-1]["layer"])) if stages else set()
+
+
+def vscan_embedding_updates(model, inputs, record) -> dict[int, torch.Tensor]:
+    """Merged embeddings the encoder stage should hand the LLM, computed from the tower's features."""
+    from ivcp.methods.vscan import merge_into_kept
+
+    features = {}
+
+    def grab(module, args, kwargs):
+        features.setdefault("h", args[0].clone())
+
+    from ivcp.adapters import adapter_for
+
+    handle = adapter_for(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    kept_after_encoder = record.stages[0]["kept"]
+    updates = {}
+    for start, end in record.segments:
+        local = kept_after_encoder[(kept_after_encoder >= start) & (kept_after_encoder < end)] - start
+        merged = merge_into_kept(features["h"][0, start:end].float(), local)
+        updates.update({start + int(j): merged[i].float() for i, j in enumerate(local)})
+    return updates

@@ -16,7 +16,7 @@ from ivcp.scoring import ivc_scores, ivc_token_set
 from ivcp.testing import make_image, make_inputs
 
 from conftest import get_model
-from oracle import oracle_logits, record_stages
+from oracle import oracle_logits, record_stages, trimmed_layers, vscan_embedding_updates
 
 
 # --- selection rules by hand ---------------------------------------------------------------------
@@ -142,28 +142,6 @@ E2E = [
 ]
 
 
-def _vscan_updates(model, inputs, record):
-    """Merged embeddings the encoder stage should hand the LLM, computed from the tower's features."""
-    from ivcp.methods.vscan import merge_into_kept
-
-    features = {}
-
-    def grab(module, args, kwargs):
-        features.setdefault("h", args[0].clone())
-
-    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    kept_after_encoder = record.stages[0]["kept"]
-    updates = {}
-    for start, end in record.segments:
-        local = kept_after_encoder[(kept_after_encoder >= start) & (kept_after_encoder < end)] - start
-        merged = merge_into_kept(features["h"][0, start:end].float(), local)
-        updates.update({start + int(j): merged[i].float() for i, j in enumerate(local)})
-    return updates
-
-
 @pytest.mark.parametrize("method,params", E2E, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:40])
 def test_every_method_decodes_like_the_oracle(family, method, params):
     model, processor = get_model(family)
@@ -175,8 +153,8 @@ def test_every_method_decodes_like_the_oracle(family, method, params):
     logits = torch.stack(out.logits, dim=1)[0]
     record = session.last
     assert 0 < record.n_visual_kept < record.n_visual
-    updates = _vscan_updates(model, inputs, record) if method == "vscan" else None
-    expected = oracle_logits(model, inputs, generated, record_stages(record), session.method.trims_earlier_layers,
+    updates = vscan_embedding_updates(model, inputs, record) if method == "vscan" else None
+    expected = oracle_logits(model, inputs, generated, record_stages(record), trimmed_layers(session),
                              embedding_updates=updates,
                              renumber=getattr(session.method, "position_policy", "keep") == "renumber")
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)

@@ -28,7 +28,7 @@ class FakeContext:
     def positions(self, segment):
         return self.pos
 
-    def text_queries(self, segment):
+    def text_queries(self, segment, offset=0):
         return self.text
 
     def values(self, tokens):

@@ -139,12 +139,17 @@ class ModelAdapter:
         """A vision block of local (early) attention, for methods that contrast local and global."""
         raise self._lacks("vision-tower access")
 
-    def received_attention(self, grid_thw: torch.Tensor, attention_inputs: dict) -> list[torch.Tensor]:
+    def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
         """Attention each visual token receives in one vision block (mean over heads and queries,
         pooled over each merge group), one (h·w,) tensor per frame in the LLM's raster order.
-        ``attention_inputs`` are the block attention's captured call (hidden_states, cu_seqlens,
-        position_embeddings); ``grid_thw`` the tower's grids for that call."""
+        ``tower_call`` / ``attention_call`` hold the captured ``args`` and ``kwargs`` of the vision
+        tower's forward and of that block's attention module (``attention_call["module"]``)."""
         raise self._lacks("vision-tower access")
+
+    @property
+    def vision_global_block(self) -> int:
+        """The last vision block whose output reaches the LLM (VScan's global block)."""
+        return self.vision_depth - 1
 
     # --- the prompt -------------------------------------------------------------------------
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
@@ -162,6 +167,15 @@ class ModelAdapter:
     def turn_end_token_ids(self) -> frozenset[int]:
         """Tokens that close a chat turn (to skip the system prompt when text before an image is used)."""
         return frozenset()
+
+
+def mean_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and queries: q, k (heads, n, d) → (n,).
+    One head at a time, so at most n × n floats live at once."""
+    total = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
+    for head in range(q.shape[0]):
+        total += (q[head].float() @ k[head].float().T * scale).softmax(-1).mean(0)
+    return total / q.shape[0]
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}

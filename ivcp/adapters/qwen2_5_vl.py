@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ModelAdapter, RopeSpec, Segment, register_adapter
+from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
@@ -115,21 +115,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return index
 
     @torch.no_grad()
-    def received_attention(self, grid_thw: torch.Tensor, attention_inputs: dict) -> list[torch.Tensor]:
-        attn = attention_inputs["module"]
-        hidden = attention_inputs["hidden_states"]
-        cu_seqlens = attention_inputs["cu_seqlens"].tolist()
-        cos, sin = attention_inputs["position_embeddings"]
+    def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        args, kwargs = attention_call["args"], attention_call["kwargs"]
+        grid_thw = tower_call["kwargs"].get("grid_thw", tower_call["args"][1] if len(tower_call["args"]) > 1 else None)
+        attn = attention_call["module"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None).tolist()
+        cos, sin = kwargs["position_embeddings"]
         n = hidden.shape[0]
         qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3).float()  # (3, H, n, d)
         q, k = (self.rotate(x[None], cos.float()[None], sin.float()[None])[0] for x in (qkv[0], qkv[1]))
         received = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
-            for head in range(q.shape[0]):  # one head at a time: n x n floats at most
-                probs = (q[head, start:end] @ k[head, start:end].T * attn.scaling).softmax(-1)
-                total += probs.mean(0)
-            received[start:end] = total / q.shape[0]
+            received[start:end] = mean_received(q[:, start:end], k[:, start:end], attn.scaling)
         unit = self._merge ** 2
         pooled = received.view(-1, unit).mean(-1)  # merge groups, in the tower's (window) order
         raster = pooled[torch.argsort(self._window_index(grid_thw).to(pooled.device))]

@@ -21,10 +21,14 @@ PROTOCOLS: dict[str, str] = {name: entry["suffix"] for name, entry in _EVAL["pro
 DEFAULT_PROTOCOL: str = _EVAL["prompts"]["default"]
 GENERATION: dict[str, Any] = dict(_EVAL["generation"])
 METHODS: dict[str, dict] = _EVAL["methods"]
-# method suffix -> ivcp method name (None: the unpruned model)
-METHOD_BY_SUFFIX: dict[str, str | None] = {entry["suffix"]: (None if name == "vanilla" else name)
-                                           for name, entry in METHODS.items()}
-METHOD_BY_SUFFIX.update(_EVAL.get("suffix_aliases", {}))
+# method suffix -> harness method entry (configs/eval.toml [methods.<entry>])
+ENTRY_BY_SUFFIX: dict[str, str] = {entry["suffix"]: name for name, entry in METHODS.items()}
+ENTRY_BY_SUFFIX.update(_EVAL.get("suffix_aliases", {}))
+
+
+def ivcp_method(entry: str) -> str | None:
+    """The ivcp method a harness entry runs (None: the unpruned model)."""
+    return None if entry == "vanilla" else METHODS[entry].get("method", entry)
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,22 @@ class RunName:
 
     name: str
     model: ModelEntry
-    method: str | None  # None: unpruned
+    method: str | None  # the ivcp method (None: unpruned)
     method_params: dict
     protocol: str
 
 
-def method_params(method: str | None) -> dict:
-    """The harness's parameters of a method (configs/eval.toml) on top of the model's defaults."""
-    return dict(METHODS.get(method or "vanilla", {}).get("params", {}))
+def method_params(entry: str, family: str) -> dict:
+    """The harness's parameters of a method entry on top of the model's defaults: the entry's
+    ``params`` (configs/eval.toml) and, for an ``authors = true`` entry, the family's
+    ``[authors.<method>]`` settings (configs/models/<family>.toml)."""
+    from ..config import authors_params
+
+    spec = METHODS[entry]
+    params = dict(spec.get("params", {}))
+    if spec.get("authors"):
+        params.update(authors_params(family, ivcp_method(entry)))
+    return params
 
 
 def run_name(model: str, method: str = "vanilla", protocol: str = DEFAULT_PROTOCOL) -> str:
@@ -87,10 +99,10 @@ def all_run_names() -> dict[str, RunName]:
     """Every name ivcp registers: each model × each method suffix (aliases too) × each protocol."""
     names = {}
     for model in MODELS.values():
-        for suffix, method in METHOD_BY_SUFFIX.items():
+        for suffix, entry in ENTRY_BY_SUFFIX.items():
             for protocol, protocol_suffix in PROTOCOLS.items():
                 name = model.name + suffix + protocol_suffix
-                names[name] = RunName(name, model, method, method_params(method), protocol)
+                names[name] = RunName(name, model, ivcp_method(entry), method_params(entry, model.family), protocol)
     return names
 
 

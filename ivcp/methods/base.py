@@ -27,7 +27,8 @@ class PruningMethod:
     - ``trims_earlier_layers``: True → after selection at layer K, the KV cache of layers < K is cut
       to the kept set too (IVC-Prune); False → layers < K keep their full cache (FastV-style).
 
-    Fields left ``None`` are filled from ``configs/`` for the model at hand (see :mod:`ivcp.config`).
+    Fields left ``None`` are filled from ``configs/`` for the model at hand (see :mod:`ivcp.config`);
+    for a method made by name, so is every field the caller did not pass.
     """
 
     name: ClassVar[str] = ""
@@ -41,6 +42,11 @@ class PruningMethod:
     def selection_layers(self) -> list[int]:
         """Layers K (0-based) before which a selection runs, ascending."""
         return [self.selection_layer]
+
+    def trimmed_layers(self, layer: int) -> range:
+        """Layers before the selection ``layer`` whose KV cache is cut to the kept tokens: all of them
+        when ``trims_earlier_layers``, none otherwise."""
+        return range(layer) if self.trims_earlier_layers else range(0)
 
     def vision_blocks(self, adapter) -> list[int]:
         """Vision-tower blocks whose attention the method reads (``ctx.vision_attention``)."""
@@ -61,10 +67,18 @@ class PruningMethod:
 
     # --- parameters -------------------------------------------------------------------------
     def with_defaults(self, defaults: dict) -> "PruningMethod":
-        """A copy whose ``None`` fields take values from ``defaults`` (unknown keys are ignored)."""
+        """A copy whose fields take values from ``defaults`` (unknown keys are ignored) unless the
+        caller set them: ``None`` fields always, and, for a method made by name
+        (:func:`~ivcp.methods.registry.make_method`), every field the caller did not pass — so a
+        family's configs can change a dataclass default (e.g. FastV's keep ratio on LLaVA)."""
         names = {f.name for f in dataclasses.fields(self)}
-        filled = {k: v for k, v in defaults.items() if k in names and getattr(self, k) is None}
-        return dataclasses.replace(self, **filled)
+        explicit = getattr(self, "_explicit", None)
+        filled = {k: v for k, v in defaults.items() if k in names and
+                  (getattr(self, k) is None or (explicit is not None and k not in explicit))}
+        out = dataclasses.replace(self, **filled)
+        if explicit is not None:
+            out._explicit = explicit
+        return out
 
     def resolve(self, lookup) -> "PruningMethod":
         """A copy with model-dependent defaults filled; ``lookup(method_name)`` gives a method's

@@ -5,9 +5,10 @@ Per visual segment of N tokens, at layer K (signals from layer K−1):
   absolute rotary ids; IVC = top round(ivc_ratio·N) by V ∪ top round(ivc_ratio·N) by U.
 - Foreground (eq. 9, 10): A = mean_heads softmax(V_q·V_imgᵀ/√d) on layer K−1 value vectors; seeds =
   top max(1, round(seed_ratio·N)) of the mean over text rows; f = mean over text rows + seed rows.
-- Budget: ``reference_fill`` (default, the authors' code): IVC ∪ seeds, then tokens by descending f
-  until round(keep_ratio·N) (never fewer than IVC ∪ seeds). ``paper_union``: IVC ∪ top
-  round(foreground_ratio·N) by f, keep_ratio unused.
+- Budget: ``reference_fill`` (default, the authors' Qwen code): IVC ∪ seeds, then tokens by
+  descending f until round(keep_ratio·N) (never fewer than IVC ∪ seeds). ``paper_union``: IVC ∪ top
+  round(foreground_ratio·N) by f, keep_ratio unused. ``reference_union`` (the authors' LLaVA code):
+  IVC ∪ seeds ∪ top round(foreground_ratio·N) by f, no fill, keep_ratio unused.
 Kept tokens keep their positions; the KV cache of layers < K is cut to the same set.
 
 Differences from the reference code: scores in float64 (the reference uses bf16, where many ties
@@ -28,8 +29,9 @@ from ..scoring import (IVC_MODES, count, fill_to_budget, foreground_from_rows, f
 from .base import PruningMethod, check_choice
 from .registry import register_method
 
-BUDGET_MODES = ("reference_fill", "paper_union")
+BUDGET_MODES = ("reference_fill", "paper_union", "reference_union")
 FOREGROUND_SIGNALS = ("value", "attention")
+FOREGROUND_SOFTMAX = ("visual", "sequence")
 
 
 def ivc_tokens(ctx, segment, ivc_ratio: float, ivc_mode: str) -> torch.Tensor:
@@ -50,6 +52,12 @@ class IVCPrune(PruningMethod):
     - ``foreground_stages=1`` (Tab. 7, stage 1 only: f = s, no seeds);
       ``foreground_signal="attention"`` (Tab. 7: text→image attention of layer K−1 instead of value
       similarity); ``use_foreground=False`` keeps the pattern alone.
+
+    The authors' per-family choices as options (configs/models/<family>.toml ``[authors.ivc_prune]``):
+    ``foreground_softmax="sequence"`` (the value-similarity softmax over every prompt token, not only
+    the segment's: LLaVA, InternVL), ``trim_layer0_kv=False`` (layer 0 keeps its whole cache: LLaVA),
+    ``text_query_offset=2`` (text queries from two tokens after the segment, as all their code does;
+    ours, 0, starts right after it, vision markup excluded).
     """
 
     name: ClassVar[str] = "ivc_prune"
@@ -67,6 +75,9 @@ class IVCPrune(PruningMethod):
     foreground_stages: int = 2
     foreground_signal: str = "value"
     use_foreground: bool = True
+    foreground_softmax: str = "visual"
+    trim_layer0_kv: bool = True
+    text_query_offset: int = 0
 
     def __post_init__(self) -> None:
         check_choice(self.name, "ivc_mode", self.ivc_mode, IVC_MODES)
@@ -74,8 +85,15 @@ class IVCPrune(PruningMethod):
         check_choice(self.name, "pattern", self.pattern, PATTERNS)
         check_choice(self.name, "foreground_stages", self.foreground_stages, (1, 2))
         check_choice(self.name, "foreground_signal", self.foreground_signal, FOREGROUND_SIGNALS)
+        check_choice(self.name, "foreground_softmax", self.foreground_softmax, FOREGROUND_SOFTMAX)
+        if isinstance(self.text_query_offset, bool) or not isinstance(self.text_query_offset, int) \
+                or self.text_query_offset < 0:
+            raise ValueError(f"{self.name}: text_query_offset must be a non-negative int, got {self.text_query_offset!r}")
         if self.pattern == "none" and not self.use_foreground:
             raise ValueError(f"{self.name}: pattern 'none' with use_foreground=False keeps nothing")
+
+    def trimmed_layers(self, layer: int) -> range:
+        return range(0 if self.trim_layer0_kv else 1, layer)
 
     def select_segment(self, ctx, segment) -> torch.Tensor:
         n = segment.n
@@ -91,13 +109,21 @@ class IVCPrune(PruningMethod):
         ctx.mark("seed", segment.start + seeds)
         if self.budget_mode == "reference_fill":
             return fill_to_budget(torch.cat([positional, seeds]), f, keep_count(self.keep_ratio, n))
-        return torch.unique(torch.cat([positional, top_k(f, keep_count(self.foreground_ratio, n))]))
+        foreground = top_k(f, keep_count(self.foreground_ratio, n))
+        if self.budget_mode == "reference_union":
+            return torch.unique(torch.cat([positional, seeds, foreground]))
+        return torch.unique(torch.cat([positional, foreground]))
 
     def _foreground(self, ctx, segment) -> tuple[torch.Tensor, torch.Tensor]:
-        text, image = ctx.text_queries(segment), segment.indices(ctx.device)
+        text, image = ctx.text_queries(segment, self.text_query_offset), segment.indices(ctx.device)
         if self.foreground_signal == "value":
+            context = columns = None
+            if self.foreground_softmax == "sequence":  # every present token is a key
+                alive = ctx.alive
+                context = ctx.values(alive)[0]
+                columns = torch.searchsorted(alive, image)
             _, seeds, f = foreground_scores(ctx.values(text)[0], ctx.values(image)[0], self.seed_ratio,
-                                            self.foreground_stages)
+                                            self.foreground_stages, context, columns)
         else:
             rows = lambda queries: ctx.attention(queries, image)[0].mean(0)  # noqa: E731  (Q, N)
             _, seeds, f = foreground_from_rows(rows(text), lambda seeds: rows(segment.start + seeds),

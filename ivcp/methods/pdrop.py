@@ -1,10 +1,12 @@
 """PDrop (PyramidDrop, Xing et al., CVPR 2025): visual tokens dropped in stages.
 
-PDrop drops after each layer l of its list; the first layer that runs without the dropped tokens is
-l + 1 — our ``stage_layers`` are those l + 1 (Qwen2.5-VL-7B: PDrop's {8, 16, 24} → 9, 17, 25). At each
-stage the remaining visual tokens are ranked by the last prompt token's attention recomputed with
-that layer's input norm, q/k projections and rotary (mean over heads); ``stage_ratios[i]`` of them
-stay (round; every image keeps at least its best token). Earlier layers keep their KV cache (each layer caches what it processed).
+``stage_layers`` are the first layers that run without each stage's dropped tokens (0-based):
+PDrop's layers {8, 16, 24} are K = 8, 16, 24 — the reading that reproduces the average tokens the
+IVC-Prune paper reports for PDrop (Qwen2.5-VL-7B, λ 0.7 / 0.5 / 0.5: (8 + 8·0.7 + 8·0.35 + 4·0.175) / 28
+= 61 %; LLaVA-1.5-7B, λ 0.5 each: (8 + 4 + 2 + 1) / 32 = 47 %). At each stage the remaining visual
+tokens are ranked by the last prompt token's attention recomputed with layer K's input norm, q/k
+projections and rotary (mean over heads); ``stage_ratios[i]`` of them stay (round; every image keeps
+at least its best token). Earlier layers keep their KV cache (each layer caches what it processed).
 
 ``position_policy``: ``keep`` (default: kept tokens keep their original ids, best for grounding) or
 ``renumber`` (PDrop's code: after each drop, positions close the gap, 0..n−1 for 1-D RoPE; for

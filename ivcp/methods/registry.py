@@ -32,18 +32,25 @@ def method_class(name: str) -> type[PruningMethod]:
 
 
 def make_method(method: str | PruningMethod, **params: Any) -> PruningMethod:
-    """A method object from a registered name (with parameters) or an existing object."""
+    """A method object from a registered name (with parameters) or an existing object. The fields
+    passed here count as set by the caller: configs never override them (see ``with_defaults``)."""
+    import dataclasses
+
     if isinstance(method, PruningMethod):
-        if params:
-            import dataclasses
-            return dataclasses.replace(method, **params)
-        return method
+        if not params:
+            return method
+        out = dataclasses.replace(method, **params)
+        explicit = getattr(method, "_explicit", None)
+        if explicit is not None:
+            out._explicit = explicit | frozenset(params)
+        return out
     if not isinstance(method, str):
         raise ValueError(f"method must be a registered name or a PruningMethod, got {type(method).__name__}")
     cls = method_class(method)
-    import dataclasses
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; it takes {', '.join(sorted(known))}")
-    return cls(**params)
+    out = cls(**params)
+    out._explicit = frozenset(params)
+    return out

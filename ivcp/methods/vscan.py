@@ -2,7 +2,8 @@
 
 Stage 1, before the LLM (our stage at layer 0, read from the vision tower): each merged token's
 score is the attention it receives (mean over heads and queries, pooled over its 2×2 merge group)
-in a local block (the first full-attention block: 7 in Qwen2.5-VL) and in a global block (the last).
+in a local block (the first full-attention block: 7 in Qwen2.5-VL) and in a global block (the last one
+whose output reaches the LLM: the last block in Qwen-VL, the feature layer in LLaVA).
 Per segment k = max(1, round(encoder_keep_ratio·N)): k // 2 tokens by windowed selection on the
 local score (``window`` × ``window`` windows of the merged grid, at most ceil((k // 2) / 16) per window,
 taken in descending local score; if the caps leave it short, the rest in local-score order), the
@@ -82,7 +83,7 @@ class VScan(PruningMethod):
     encoder_keep_ratio: float = 0.167
     llm_keep_ratio: float = 0.333
     local_block: int | str = "auto"  # "auto": the model's first full-attention block
-    global_block: int = -1  # default: the last block
+    global_block: int | str = "auto"  # "auto": the last block whose output reaches the LLM
     window: int = 4
 
     def selection_layers(self) -> list[int]:
@@ -92,7 +93,7 @@ class VScan(PruningMethod):
         """(local, global) block indices; ``model_facts`` is the adapter or a selection context."""
         local = model_facts.vision_local_block if self.local_block == "auto" else self.local_block
         depth = model_facts.vision_depth
-        glob = self.global_block % depth
+        glob = (model_facts.vision_global_block if self.global_block == "auto" else self.global_block) % depth
         if not (0 <= local < depth):
             raise ValueError(f"{self.name}: local_block {local} is outside the vision tower's {depth} blocks")
         return local, glob

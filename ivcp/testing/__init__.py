@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from . import qwen
+from . import llava, qwen
 from .inputs import make_image, make_inputs
 from .qwen import GROUNDER_DIR, grounder_config, tiny_grounder
 
 # family -> module with tiny_config(**overrides), tiny_model(seed, dtype, **overrides), tiny_processor(...)
-_BUILDERS = {family: qwen for family in qwen.FAMILIES}
+_BUILDERS = {family: module for module in (qwen, llava) for family in module.FAMILIES}
 FAMILIES = tuple(_BUILDERS)
 
 

@@ -49,7 +49,7 @@ def make_inputs(processor, prompt: str = "Describe the picture.", images=None, v
         video = dict(pixel_values_videos=pixel_values, video_grid_thw=grid)
         merge = processor.image_processor.merge_size ** 2
         text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
-    data = processor(text=text, images=images or None)
+    data = dict(processor(text=text, images=images or None, return_tensors="pt"))
     data.update(video)
     return data
 

@@ -1,0 +1,151 @@
+"""LLaVA-1.5 (transformers' ``LlavaForConditionalGeneration``, e.g. llava-hf/llava-1.5-7b-hf).
+
+Layout: ``model.model`` is the multimodal model (CLIP ``vision_tower``, ``multi_modal_projector``,
+``language_model``); decoder layers at ``model.model.language_model.layers`` (Llama: ``self_attn`` with
+q/k/v/o projections, ``input_layernorm``). Each image is one run of (image_size / patch)² tokens of
+``image_token_id`` (576 = 24 × 24 for ViT-L/14-336, the CLS token dropped by the "default" feature
+strategy), in the raster order of the patch grid, with no start or end markers. Rotary: 1-D RoPE;
+the decoder layers receive (cos, sin).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_types = ("llava",)
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    @property
+    def _text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_heads(self) -> int:
+        return self._text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self._text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def rope(self) -> RopeSpec:
+        params = getattr(self._text_config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta", getattr(self._text_config, "rope_theta", 10000.0))
+        return RopeSpec(theta=float(theta), head_dim=self.head_dim)
+
+    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_model.rotary_emb(hidden, position_ids[0])
+
+    # --- the image grid ---------------------------------------------------------------------------
+    @property
+    def grid_side(self) -> int:
+        vision = self.model.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def _check_strategy(self) -> None:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(f"ivcp supports LLaVA's 'default' vision feature strategy (the patch grid, CLS dropped), "
+                             f"not {strategy!r}: with the CLS token an image's tokens do not form a grid")
+
+    def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
+                 position_ids: torch.Tensor | None = None) -> list[Segment]:
+        positions = (input_ids == self.model.config.image_token_id).nonzero().flatten()
+        if not positions.numel():
+            return []
+        self._check_strategy()
+        side = self.grid_side
+        per_image = side * side
+        segments: list[Segment] = []
+        breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+        for run in torch.tensor_split(positions, breaks.tolist()):
+            if run.numel() % per_image:
+                raise ValueError(f"a run of {run.numel()} image tokens at {int(run[0])} is not a whole number of "
+                                 f"{side} x {side} images; pass the processor's input_ids")
+            for first in range(int(run[0]), int(run[-1]) + 1, per_image):  # adjacent images share one run
+                segments.append(Segment(first, first + per_image, side, side, "image", len(segments), 0))
+        return segments
+
+    @property
+    def marker_token_ids(self) -> frozenset[int]:
+        return frozenset({self.model.config.image_token_id})
+
+    @property
+    def turn_end_token_ids(self) -> frozenset[int]:
+        eos = getattr(self._text_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return frozenset(eos)
+
+    # --- the vision tower (CLIP) ------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def _vision_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        return tower.encoder.layers
+
+    def vision_attention_module(self, block: int) -> nn.Module:
+        return self._vision_layers[block].self_attn
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self._vision_layers)
+
+    @property
+    def vision_local_block(self) -> int:
+        # CLIP attends globally in every block; take the depth Qwen2.5-VL's first full-attention block
+        # has (7 of 32)
+        return int(7 * self.vision_depth / 32)
+
+    @property
+    def vision_global_block(self) -> int:
+        # the features come from hidden_states[vision_feature_layer] (-2: the output of the last block but one)
+        layer = self.model.config.vision_feature_layer
+        layer = max(layer) if isinstance(layer, (list, tuple)) else layer
+        return (layer if layer >= 0 else self.vision_depth + 1 + layer) - 1
+
+    @torch.no_grad()
+    def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        """CLIP block attention received by each patch (mean over heads and all queries, CLS included
+        as a query), one (side²,) tensor per image; the CLS token's own column is dropped."""
+        args, kwargs = attention_call["args"], attention_call["kwargs"]
+        attn = attention_call["module"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (images, 1 + side², D)
+        out = []
+        for image in hidden:
+            q = attn.q_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
+            k = attn.k_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
+            out.append(mean_received(q, k, attn.scale)[1:])
+        return out
