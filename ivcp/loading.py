@@ -6,19 +6,21 @@ import importlib.util
 
 import torch
 
-TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:grounder")
+TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:llava", "tiny:grounder")
 
 
 def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: str | None = None,
-               attn_implementation: str | None = None, pixels: tuple[int | None, int | None] | None = None):
+               attn_implementation: str | None = None, pixels: tuple[int | None, int | None] | None = None,
+               processor_kwargs: dict | None = None):
     """(model, processor) for ``spec``:
 
     - ``tiny`` or ``tiny:<family>`` (``qwen2_5_vl``, ``qwen2_vl``): the random offline model;
       ``tiny:grounder``: the trained tiny grounder shipped with ivcp (``ivcp.testing.tiny_grounder``);
       ``pixels`` = (min, max) sets the tiny processor's pixel bounds;
     - anything else: ``from_pretrained`` of a local directory or a hub id (``HF_HUB_OFFLINE=1`` is
-      honoured by transformers), the processor with the checkpoint's own settings. Real checkpoints'
-      processors need torchvision (the eval extra).
+      honoured by transformers), the processor with the checkpoint's own settings (plus
+      ``processor_kwargs``, e.g. ``backend="pil"``). Qwen checkpoints' processors need torchvision
+      (the eval extra).
 
     Device: CUDA when available, else CPU. Attention: flash_attention_2 on CUDA when flash-attn is
     installed, else sdpa.
@@ -37,7 +39,7 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
             family = spec.split(":", 1)[1] if ":" in spec else "qwen2_5_vl"
             model, _ = tiny_model(family, attn_implementation=attn)
         bounds = [v for v in (pixels or ()) if v is not None]
-        processor = tiny_processor(family, *bounds) if len(bounds) == 2 else tiny_processor(family)
+        processor = tiny_processor(family, *bounds) if len(bounds) == 2 and family != "llava" else tiny_processor(family)
         return model.to(device), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -45,4 +47,4 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
         flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if flash else "sdpa"
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(spec)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(spec, **(processor_kwargs or {}))

@@ -134,10 +134,25 @@ def relative_average(scores: dict[str, float | None], reference: dict[str, float
     return 100.0 * sum(ratios) / len(ratios) if ratios else None
 
 
-def paper_rows(path: str | Path, paper_model: str) -> dict[str, dict]:
-    """The paper's rows for one model, keyed by the paper's method label."""
+def paper_rows(path: str | Path, paper_model: str = "") -> dict[str, dict]:
+    """The paper's rows for one model, keyed by the paper's method label; in a table of budgets (no
+    ``model`` column, e.g. Tab. 16: avg_tokens "192 (33.3%)") keyed "<label>:<percent>" ("FastV:33")."""
     rows = _read_csv(Path(path))
+    if rows and "model" not in rows[0]:
+        keyed = {}
+        for r in rows:
+            percent = r.get("avg_tokens", "").partition("(")[2].split(".")[0].rstrip("%)")
+            keyed[f"{r['method']}:{percent}" if percent and r["method"] != "Vanilla" else r["method"]] = r
+        return keyed
     return {r["method"]: r for r in rows if r["model"] == paper_model}
+
+
+def paper_keys(method: str) -> list[str]:
+    """How the paper's rows may name one of our methods ("fastv:Keep33" -> ["FastV:33"])."""
+    entry, _, budget = method.partition(":")
+    labels = PAPER_LABEL.get(entry, [])
+    labels = [labels] if isinstance(labels, str) else labels
+    return [f"{label}:{budget.removeprefix('Keep')}" if budget else label for label in labels]
 
 
 def _fmt(value: float | None, digits: int = 1, percent: bool = False) -> str:
@@ -155,7 +170,7 @@ def render(rows: list[dict], benchmarks: list[str], title: str, provenance: dict
         share = None if row["avg_tokens"] is None else 100 * row["avg_tokens"]
         table.append([row["method"], _fmt(share, 0, True), *[_fmt(row["scores"][b]) for b in benchmarks],
                       _fmt(row["rel_avg"], 1, True)])
-        theirs = (paper or {}).get(PAPER_LABEL.get(row["method"], ""))
+        theirs = next((paper[k] for k in paper_keys(row["method"]) if k in (paper or {})), None)
         if theirs:
             table.append([f"  paper: {theirs['method']}", theirs.get("avg_tokens", ""),
                           *[theirs.get(b, "") for b in benchmarks], theirs.get("rel_avg", "")])

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, load
+from vlmeval.vlm.llava.llava import LLaVA
 from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
 from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
 
@@ -85,6 +86,13 @@ class IVCPModelMixin:
             return self.authors_prompt(line, dataset)
         return self._dataset_object().build_prompt(line)
 
+    def grounding_message(self, line, dataset: str):
+        """Image(s), then the family's grounding prompt (it fixes the answer's box format)."""
+        prompt = grounding_prompt(str(line["question"]), self.family)  # ValueError for a family without one
+        paths = self.dump_image(line, dataset)
+        paths = paths if isinstance(paths, list) else [paths]
+        return [dict(type="image", value=p) for p in paths] + [dict(type="text", value=prompt)]
+
     def _dataset_object(self):
         owner = getattr(getattr(self, "dump_image_func", None), "__self__", None)
         if owner is None or not hasattr(owner, "build_prompt"):
@@ -113,13 +121,13 @@ class IVCPModelMixin:
         return answer
 
 
-def _load_checkpoint(path: str):
-    """(model, processor) of a real checkpoint: bf16 on CUDA (flash-attn when installed), float32 sdpa
-    on CPU; the processor as the authors load it (its own defaults: qwen_vl_utils resizes first)."""
+def _load_checkpoint(path: str, dtype: str = "bfloat16", **processor_kwargs):
+    """(model, processor) of a real checkpoint: the entry's dtype on CUDA (flash-attn when installed),
+    float32 sdpa on CPU; the processor with the checkpoint's own settings (+ ``processor_kwargs``)."""
     from .loading import load_model
 
     cuda = torch.cuda.is_available()
-    return load_model(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    return load_model(path, dtype=getattr(torch, dtype) if cuda else torch.float32, processor_kwargs=processor_kwargs)
 
 
 class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
@@ -136,7 +144,7 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
 
     def __init__(self, model_path: str, name: str, family: str, method: str | None = None,
                  method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
-                 max_pixels: int | None = None, generation: dict | None = None, **kwargs):
+                 max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
         from .loading import load_model
 
         Qwen2VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
@@ -148,7 +156,7 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
         if model_path.startswith("tiny"):
             self.model, self.processor = load_model(model_path, pixels=(min_pixels, max_pixels))
         else:
-            self.model, self.processor = _load_checkpoint(model_path)
+            self.model, self.processor = _load_checkpoint(model_path, dtype)  # the authors: the processor's defaults
         self._setup_run(name, method, method_params or {}, protocol, generation or {})
 
     # --- prompts ----------------------------------------------------------------------------------
@@ -157,12 +165,6 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
 
     def authors_prompt(self, line, dataset: str):
         return Qwen2VLPromptMixin.build_prompt(self, line, dataset)
-
-    def grounding_message(self, line, dataset: str):
-        paths = self.dump_image(line, dataset)
-        paths = paths if isinstance(paths, list) else [paths]
-        return [dict(type="image", value=p) for p in paths] + \
-            [dict(type="text", value=grounding_prompt(str(line["question"]), self.family))]
 
     # --- inputs and outputs -----------------------------------------------------------------------
     def model_inputs(self, message, dataset=None):
@@ -187,7 +189,67 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
         return int(torch.isin(input_ids, ids).sum())
 
 
-FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL}
+# The authors' (and VLMEvalKit's) Vicuna-v1 system prompt of their LLaVA wrapper; note the final space.
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions. ")
+
+
+class IVCPLlava(IVCPModelMixin, LLaVA):
+    """A LLaVA-1.5 model (native transformers ``LlavaForConditionalGeneration``, llava-hf weights) run
+    through ``ivcp.prune`` (or unpruned), with the authors' inputs.
+
+    Subclasses VLMEvalKit's ``LLaVA`` for its prompts (``use_custom_prompt``: MCQ; ``build_prompt``;
+    ``concat_tilist``), which the authors' ``LLaVAIVCP`` keeps: the text is
+    ``system + "USER: " + content + " ASSISTANT: "`` with each image as " <image> " (the Vicuna-v1
+    layout of the original LLaVA, not llava-hf's chat template); the processor expands ``<image>`` to
+    576 tokens and resizes + centre-crops to 336 px (PIL backend, as the authors' slow processor).
+    The original ``llava`` package is never needed.
+    """
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+
+    def __init__(self, model_path: str, name: str, family: str = "llava", method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", generation: dict | None = None,
+                 dtype: str = "float16", **kwargs):
+        from vlmeval.vlm.base import BaseModel
+
+        from .loading import load_model
+
+        BaseModel.__init__(self)  # not LLaVA.__init__: it imports the original llava package
+        self.family, self.model_path = family, model_path
+        self.system_prompt = VICUNA_SYSTEM
+        if model_path.startswith("tiny"):
+            self.model, self.processor = load_model(model_path)
+        else:
+            self.model, self.processor = _load_checkpoint(model_path, dtype, backend="pil")
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
+
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return LLaVA.use_custom_prompt(self, dataset)
+
+    def authors_prompt(self, line, dataset: str):
+        return LLaVA.build_prompt(self, line, dataset)
+
+    def model_inputs(self, message, dataset=None):
+        from PIL import Image
+
+        content, paths = self.concat_tilist(message)
+        prompt = self.system_prompt + "USER: " + content + " ASSISTANT: "
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
+        self.last_prompt_text = prompt
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+        return inputs, inputs["input_ids"].shape[1]
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.processor.batch_decode(tokens[None], skip_special_tokens=True)[0].strip()
+
+    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
+        return int((input_ids == self.model.config.image_token_id).sum())
+
+
+FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "llava": IVCPLlava}
 
 
 def model_registry() -> dict:
@@ -201,7 +263,7 @@ def model_registry() -> dict:
         models[name] = partial(FAMILY_WRAPPERS[entry.family], model_path=weights_for(entry.name, entry.hub_id),
                                name=name, family=entry.family, method=run.method, method_params=run.method_params,
                                protocol=run.protocol, min_pixels=entry.min_pixels, max_pixels=entry.max_pixels,
-                               generation=entry.generation)
+                               generation=entry.generation, dtype=entry.dtype)
     return models
 
 
@@ -313,4 +375,4 @@ def register() -> list[str]:
     return list(models)
 
 
-__all__ = ["IVCPGrounding", "IVCPModelMixin", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]
+__all__ = ["IVCPGrounding", "IVCPLlava", "IVCPModelMixin", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]

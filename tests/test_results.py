@@ -111,3 +111,24 @@ def test_general_average_tokens_come_from_the_statistics(tmp_path):
         stats.record(model, "MMStar", index, {"visual_kv_share": share}, root=tmp_path / "ivcp_stats")
     row = results.build_table(tmp_path, "Qwen2.5-VL-7B-Instruct", ["ivc_prune"], ["MMStar"], "general")[0]
     assert row["avg_tokens"] == pytest.approx(0.55) and row["scores"]["MMStar"] == pytest.approx(0.6)
+
+
+def test_low_budget_table_next_to_the_papers_table16(tmp_path):
+    base = "llava-1.5-7b-hf"
+    for method, score in (("vanilla", 60.0), ("fastv:Keep33", 55.0), ("ivc_prune:Keep11", 59.0)):
+        model = results.model_name(base, method)
+        (tmp_path / model).mkdir()
+        (tmp_path / model / f"{model}_MMStar_acc.csv").write_text(f"split,Overall\nnone,{score}\n")
+    assert results.model_name(base, "fastv:Keep33") == "llava-1.5-7b-hf_FastV_Keep33"
+    with pytest.raises(ValueError, match="unknown budget 'pdrop:Keep33'"):
+        results.model_name(base, "pdrop:Keep33")
+    rows = results.build_table(tmp_path, base, ["vanilla", "fastv:Keep33", "ivc_prune:Keep11"], ["MMStar"], "general")
+    paper = results.paper_rows(ROOT / "results/paper/table16_low_budget_llava_1_5_7b.csv")
+    _, table = results.render(rows, ["MMStar"], "t", {}, paper)
+    labels = [r[0] for r in table]
+    assert labels.index("  paper: FastV") == labels.index("fastv:Keep33") + 1
+    fastv_paper = table[labels.index("fastv:Keep33") + 1]
+    assert fastv_paper[1] == "192 (33.3%)" and fastv_paper[2] == "33.4"  # the paper's FastV at 192 tokens, MMStar
+    ivc_paper = table[labels.index("ivc_prune:Keep11") + 1]
+    assert ivc_paper[1] == "64 (11.1%)" and ivc_paper[2] == "33.9"
+    assert table[labels.index("ivc_prune:Keep11") + 2][2] == f"{59.0 - 33.9:+.1f}"

@@ -163,6 +163,32 @@ def test_prompts_equal_the_authors_or_the_datasets(table2, protocol):
             "from the options above. \n")
 
 
+def test_llava_prompts_are_the_authors_vicuna_text(table2):
+    """The authors' LLaVAIVCP: VLMEvalKit's LLaVA prompts, "system USER: <content> ASSISTANT: " with
+    each image as " <image> " (written out here from PROTOCOL.md, not taken from any code)."""
+    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the human's questions. ")
+    question = "What colour is the largest shape?"
+    expected = {
+        "MMStar": f"Shapes are drawn on a gradient.\n{question}\nA. red\nB. blue\nC. green\nD. yellow\n"
+                  "Answer with the option's letter from the given choices directly.",
+        "POPE": question,  # Y/N: the dataset's prompt, unchanged
+        "TextVQA_VAL": f"{question}\nAnswer the question using a single word or phrase.",
+    }
+    model = _wrapper("llava-1.5-7b-hf_IVCPAuthors", generation={"max_new_tokens": 1, "do_sample": False,
+                                                                "repetition_penalty": 1.0})
+    assert model.method_params == {"budget_mode": "reference_union", "foreground_softmax": "sequence",
+                                   "trim_layer0_kv": False, "text_query_offset": 2}
+    for name, text in expected.items():
+        _, received = _received(model, table2[name], table2[name].data.iloc[0], name)
+        assert received == f"{system}USER:  <image> {text} ASSISTANT: ", name
+    entry = stats.read(model.name, "POPE")["7"]
+    assert entry["n_visual"] == 64 and entry["n_visual_kept"] < 64  # one image of 8 x 8 tokens, pruned
+    dataset_protocol = _wrapper("llava-1.5-7b-hf_DatasetPrompt", generation=model.generate_kwargs | {"do_sample": False})
+    _, received = _received(dataset_protocol, table2["MMStar"], table2["MMStar"].data.iloc[0], "MMStar")
+    assert received.endswith("Please select the correct answer from the options above. \n ASSISTANT: ")
+
+
 @pytest.mark.parametrize("name,expected", [
     ("Qwen2.5-VL-7B-Instruct_IVCP", "\nLocate the red circle and output the bbox coordinates in JSON format."),
     ("Qwen2.5-VL-7B-Instruct_DatasetPrompt", "\nLocate the red circle and output the bbox coordinates in JSON format."),
@@ -362,8 +388,11 @@ def test_scripts_exit_non_zero_on_every_failure(tmp_path):
     assert not list((tmp_path / "out").rglob("*RefCOCO_val.xlsx"))  # failed before any inference
     run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL"], {"LMUData": str(empty)}, tmp_path)
     assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr
-    run = _script("test_ivcp_qwen_generalvqa.sh", [], {}, tmp_path)
-    assert run.returncode == 2 and "set LMUData" in run.stderr
+    for script in ("test_ivcp_qwen_generalvqa.sh", "test_ivcp_llava_generalvqa.sh"):
+        run = _script(script, [], {}, tmp_path)
+        assert run.returncode == 2 and "set LMUData" in run.stderr
+    run = _script("test_ivcp_llava_generalvqa.sh", ["--methods", "pdrop:Keep33"], {"LMUData": str(empty)}, tmp_path)
+    assert run.returncode == 2 and "unknown budget 'pdrop:Keep33'" in run.stderr
     run = _script("test_ivcp_qwen_grounding.sh", ["--modles", "x"], {}, tmp_path)
     assert run.returncode == 2 and "unknown argument --modles" in run.stderr
 

@@ -24,6 +24,8 @@ METHODS: dict[str, dict] = _EVAL["methods"]
 # method suffix -> harness method entry (configs/eval.toml [methods.<entry>])
 ENTRY_BY_SUFFIX: dict[str, str] = {entry["suffix"]: name for name, entry in METHODS.items()}
 ENTRY_BY_SUFFIX.update(_EVAL.get("suffix_aliases", {}))
+BUDGET_METHODS: tuple[str, ...] = tuple(_EVAL.get("budgets", {}).get("methods", ()))
+BUDGETS: dict[str, float] = dict(_EVAL.get("budgets", {}).get("keep_ratios", {}))  # budget suffix -> keep ratio
 
 
 def ivcp_method(entry: str) -> str | None:
@@ -38,10 +40,11 @@ class ModelEntry:
     name: str
     family: str
     hub_id: str  # or "tiny:<what>" for the offline models
-    min_pixels: int
-    max_pixels: int
+    min_pixels: int | None  # image pixel bounds (Qwen-VL); None where the family resizes to a fixed size
+    max_pixels: int | None
     generation: dict = field(default_factory=dict)  # [generation] with this model's overrides
     paper_label: str = ""
+    dtype: str = "bfloat16"  # on GPU (the CPU runs float32)
 
     @property
     def offline(self) -> bool:
@@ -53,8 +56,9 @@ def _entry(name: str, raw: dict) -> ModelEntry:
     if "max_new_tokens" in raw:
         generation["max_new_tokens"] = raw["max_new_tokens"]
     generation.update(raw.get("generation", {}))
-    return ModelEntry(name, raw["family"], raw["hub_id"], int(raw["min_pixels"]), int(raw["max_pixels"]), generation,
-                      raw.get("paper_label", ""))
+    pixels = [int(raw[k]) if k in raw else None for k in ("min_pixels", "max_pixels")]
+    return ModelEntry(name, raw["family"], raw["hub_id"], *pixels, generation, raw.get("paper_label", ""),
+                      raw.get("dtype", "bfloat16"))
 
 
 MODELS: dict[str, ModelEntry] = {name: _entry(name, raw) for name, raw in _EVAL["models"].items()}
@@ -85,14 +89,20 @@ def method_params(entry: str, family: str) -> dict:
 
 
 def run_name(model: str, method: str = "vanilla", protocol: str = DEFAULT_PROTOCOL) -> str:
-    """The VLMEvalKit model name of ``model`` run with ``method`` under a prompt ``protocol``."""
+    """The VLMEvalKit model name of ``model`` run with ``method`` under a prompt ``protocol``.
+    ``method`` is a harness entry (configs/eval.toml [methods]), optionally with a budget:
+    ``fastv:Keep33``."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; ivcp's models: {', '.join(MODELS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} for the harness; known: {', '.join(METHODS)}")
+    entry, _, budget = method.partition(":")
+    if entry not in METHODS:
+        raise ValueError(f"unknown method {entry!r} for the harness; known: {', '.join(METHODS)}")
+    if budget and ("_" + budget not in BUDGETS or entry not in BUDGET_METHODS):
+        raise ValueError(f"unknown budget {method!r}; budgets {', '.join(b[1:] for b in BUDGETS)} for "
+                         f"{', '.join(BUDGET_METHODS)} (configs/eval.toml [budgets])")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown prompt protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    return model + METHODS[method]["suffix"] + PROTOCOLS[protocol]
+    return model + METHODS[entry]["suffix"] + (f"_{budget}" if budget else "") + PROTOCOLS[protocol]
 
 
 def all_run_names() -> dict[str, RunName]:
@@ -100,9 +110,14 @@ def all_run_names() -> dict[str, RunName]:
     names = {}
     for model in MODELS.values():
         for suffix, entry in ENTRY_BY_SUFFIX.items():
-            for protocol, protocol_suffix in PROTOCOLS.items():
-                name = model.name + suffix + protocol_suffix
-                names[name] = RunName(name, model, ivcp_method(entry), method_params(entry, model.family), protocol)
+            budgets = {"": None} | ({b: r for b, r in BUDGETS.items()} if entry in BUDGET_METHODS else {})
+            for budget, keep_ratio in budgets.items():
+                params = method_params(entry, model.family)
+                if keep_ratio is not None:
+                    params["keep_ratio"] = keep_ratio
+                for protocol, protocol_suffix in PROTOCOLS.items():
+                    name = model.name + suffix + budget + protocol_suffix
+                    names[name] = RunName(name, model, ivcp_method(entry), params, protocol)
     return names
 
 
