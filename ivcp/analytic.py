@@ -11,7 +11,8 @@ KV bytes: 2 · Σ_layers KV · d · bytes · tokens_layer. Decoding is bound by 
 ideal cost is the bytes read per token: all LLM weights + the whole KV cache.
 Vision tower (Qwen2-VL / 2.5-VL) with P patches of width D: per block 2·P·4·D² (qkv + proj) + MLP
 (2·P·3·D·I gated in 2.5-VL, 2·P·2·D·I in 2-VL) + attention 4·D·Σ s² over its attention spans (whole
-frames in full-attention blocks, windows in the others); merger 2·(P/4)·(4D·4D + 4D·out).
+frames in full-attention blocks, windows in the others); merger 2·(P/4)·(4D·4D + 4D·out). A plain ViT (LLaVA's CLIP) with T tokens (CLS included) per image:
+per layer 2·T·4·D² + 2·T·2·D·I + 4·D·T²; LLaVA's projector 2·(T−1)·(D·h + h·h).
 """
 
 from __future__ import annotations
@@ -119,3 +120,8 @@ def vision_flops(arch: VisionArch, grid_thw: list[tuple[int, int, int]]) -> int:
     unit = arch.merge ** 2
     merged = patches // unit
     return total + 2 * merged * (unit * d * unit * d + unit * d * arch.out_dim)
+
+
+def vit_flops(tokens: int, dim: int, intermediate: int, depth: int) -> int:
+    """FLOPs of a plain ViT over one image of ``tokens`` tokens (every block attends to all of them)."""
+    return depth * (2 * tokens * 4 * dim * dim + 2 * tokens * 2 * dim * intermediate + 4 * dim * tokens * tokens)

@@ -38,55 +38,43 @@ def bundled_architectures() -> list[str]:
 
 def random_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa"):
     """A model of a bundled architecture with random weights, built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
     from .config import config_file
 
     path = config_file("architectures", f"{name}.json")
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}: not 'tiny', a checkpoint directory, or one of the bundled "
                          f"architectures ({', '.join(bundled_architectures())})")
-    spec = json.loads(path.read_text())
-    if spec["model_type"] == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
-    else:
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
-    ids = {k: spec[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-    config = Config(text_config=spec["text_config"], vision_config=spec["vision_config"], **ids)
-    for sub in (config, config.text_config, config.vision_config):
-        sub._attn_implementation = attn
+    spec = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    config = AutoConfig.for_model(**spec)
+    for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None:
+            sub._attn_implementation = attn
     with torch.device(device):
-        model = Model._from_config(config, dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     return model.eval()
 
 
-def synthetic_inputs(config, image_size: tuple[int, int], prompt_tokens: int = 32, system_tokens: int = 20,
+def synthetic_inputs(model, image_size: tuple[int, int], prompt_tokens: int = 32, system_tokens: int = 20,
                      seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Chat-shaped inputs with one image of ``image_size`` (H, W) pixels, built from the config alone
-    (no tokenizer, no processor): random text ids, random pixels of the right shape."""
-    v = config.vision_config
-    patch, merge, temporal = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
-    h, w = smart_resize(*image_size, factor=patch * merge)
-    gh, gw = h // patch, w // patch
-    n_image = gh * gw // merge ** 2
+    (no tokenizer, no processor): random text ids, random pixels of the right shape (the family's
+    adapter lays them out)."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
-    vocab = getattr(config, "text_config", config).vocab_size
-    specials = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    vocab = getattr(model.config, "text_config", model.config).vocab_size
+    specials = torch.tensor(sorted(adapter.special_token_ids))
     low, high = (32, 127) if vocab < 1000 else (1000, min(vocab, 150000))
 
     def text(n):
         ids = torch.randint(low, high, (n,), generator=g)
-        return ids[~torch.isin(ids, torch.tensor(sorted(specials)))]
+        return ids[~torch.isin(ids, specials)]
 
-    input_ids = torch.cat([text(system_tokens), torch.tensor([config.vision_start_token_id]),
-                           torch.full((n_image,), config.image_token_id), torch.tensor([config.vision_end_token_id]),
-                           text(prompt_tokens)])[None]
-    types = (input_ids == config.image_token_id).to(torch.int32)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "mm_token_type_ids": types.to(device),
-        "pixel_values": torch.randn(gh * gw, 3 * temporal * patch * patch, generator=g).to(device, dtype),
-        "image_grid_thw": torch.tensor([[1, gh, gw]]).to(device),
-    }
+    inputs = adapter.synthetic_inputs(image_size, text(system_tokens), text(prompt_tokens), g)
+    return {k: v.to(device, dtype) if k.startswith("pixel_values") else v.to(device) for k, v in inputs.items()}
 
 
 def visual_tokens_to_size(tokens: int, cell: int = 28) -> tuple[int, int]:
@@ -245,7 +233,7 @@ def run(model, cases: list[Case], repeats: int = 3, warmup: int = 1, new_tokens:
     for case in cases:  # bad names and parameters fail before any compute
         if case.method != VANILLA:
             ivcp.resolve_method(model, case.method, **case.params)
-    inputs = {size: synthetic_inputs(model.config, size, prompt_tokens, seed=seed, device=str(device), dtype=dtype)
+    inputs = {size: synthetic_inputs(model, size, prompt_tokens, seed=seed, device=str(device), dtype=dtype)
               for size in {c.image_size for c in cases}}
     torch.manual_seed(seed)
     for round_index in range(warmup + repeats):
@@ -258,18 +246,18 @@ def run(model, cases: list[Case], repeats: int = 3, warmup: int = 1, new_tokens:
     return cases
 
 
-def summarise(model, cases: list[Case]) -> list[dict]:
+def summarise(model, cases: list[Case], prompt_tokens: int = 32, seed: int = 0) -> list[dict]:
     """Medians, KV bytes measured and analytic, FLOPs and the ideal ratios against vanilla."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
     text = analytic.TextArch.from_config(model.config)
-    vision = analytic.VisionArch.from_config(model.config)
     rows = []
     baselines: dict[tuple[int, int], dict] = {}
     for case in cases:
         first = case.samples[0]
         bpv = first["bytes_per_value"]
-        h, w = smart_resize(*case.image_size, factor=model.config.vision_config.patch_size * 2)
-        grid = [(1, h // model.config.vision_config.patch_size, w // model.config.vision_config.patch_size)]
-        vision_flops = analytic.vision_flops(vision, grid)
+        vision_flops = adapter.vision_flops(synthetic_inputs(model, case.image_size, prompt_tokens, seed=seed))
         llm_flops = analytic.llm_prefill_flops(text, first["processed_per_layer"])
         decode_cache = [c + 1 for c in first["cached_per_layer"]]
         row = {

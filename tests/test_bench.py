@@ -104,9 +104,32 @@ def test_cli_bench_runs_and_rejects_bad_input(tmp_path, capsys):
     assert "unknown model 'llama_70b'" in capsys.readouterr().err
 
 
-def test_bundled_architectures_build_on_meta():
-    # the 7B layout builds without memory on the meta device, with the public sizes
-    model = bench.random_model("qwen2_5_vl_7b", device="meta", dtype=torch.bfloat16)
+@pytest.mark.parametrize("name,low,high,layers", [
+    ("qwen2_5_vl_7b", 8.0e9, 8.6e9, 28),  # Qwen2.5-VL-7B has about 8.3 B parameters
+    ("llava_1_5_7b", 6.9e9, 7.2e9, 32),  # LLaVA-1.5-7B: 7.06 B
+])
+def test_bundled_architectures_build_on_meta(name, low, high, layers):
+    # the layouts build without memory on the meta device, with the public sizes
+    model = bench.random_model(name, device="meta", dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    assert 8.0e9 < params < 8.6e9  # Qwen2.5-VL-7B has about 8.3 B parameters
-    assert model.config.text_config.num_hidden_layers == 28
+    assert low < params < high
+    assert model.config.text_config.num_hidden_layers == layers
+
+
+def test_vit_flops_by_hand():
+    # 3 tokens of width 2, MLP 4, one block: 2*3*4*2*2 (qkv + out) + 2*3*2*2*4 (MLP) + 4*2*3*3 (attention)
+    assert analytic.vit_flops(3, 2, 4, 1) == 96 + 96 + 72
+
+
+def test_llava_synthetic_inputs_and_bench_rows():
+    model, _ = get_model("llava")
+    inputs = bench.synthetic_inputs(model, (999, 999), prompt_tokens=5, system_tokens=3)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64  # the tower's fixed 8 x 8 grid
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 112, 112)
+    cases = bench.run(model, bench.plan(["vanilla", "fastv"], None, [(112, 112)]), repeats=1, warmup=0, new_tokens=2,
+                      log=lambda *_: None)
+    rows = bench.summarise(model, cases)
+    assert [r["n_visual_kept"] for r in rows] == [64, 16]  # FastV keeps 25 % on LLaVA
+    assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)
+    v = model.config.vision_config  # 65 tokens (CLS included), width 32, MLP 64, 3 blocks; projector 64 tokens
+    assert rows[0]["flops_vision"] == analytic.vit_flops(65, 32, 64, 3) + 2 * 64 * (v.hidden_size * 64 + 64 * 64)

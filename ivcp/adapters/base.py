@@ -151,6 +151,22 @@ class ModelAdapter:
         """The last vision block whose output reaches the LLM (VScan's global block)."""
         return self.vision_depth - 1
 
+    # --- synthetic inputs and vision cost (the benchmark) -------------------------------------
+    def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
+                         generator: torch.Generator) -> dict:
+        """Model inputs for one image of about ``image_size`` (H, W) pixels between two runs of text ids,
+        built from the config alone (no tokenizer or processor; random pixels), on the CPU."""
+        raise self._lacks("synthetic inputs for the benchmark")
+
+    def vision_flops(self, inputs: dict) -> int:
+        """FLOPs of the vision tower (and projector) for ``inputs`` (see ivcp/analytic.py)."""
+        raise self._lacks("a vision FLOP count")
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids synthetic text must avoid (vision markup and other special tokens)."""
+        return self.marker_token_ids
+
     # --- the prompt -------------------------------------------------------------------------
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                  video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> list[Segment]:

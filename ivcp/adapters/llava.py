@@ -99,6 +99,26 @@ class LlavaAdapter(ModelAdapter):
     def marker_token_ids(self) -> frozenset[int]:
         return frozenset({self.model.config.image_token_id})
 
+    def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
+                         generator: torch.Generator) -> dict:
+        """One image at the tower's fixed size (LLaVA resizes every image to it: ``image_size`` is ignored)."""
+        self._check_strategy()
+        side = self.model.config.vision_config.image_size
+        input_ids = torch.cat([text_before, torch.full((self.grid_side ** 2,), self.model.config.image_token_id),
+                               text_after])[None]
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": torch.randn(1, 3, side, side, generator=generator)}
+
+    def vision_flops(self, inputs: dict) -> int:
+        from ..analytic import vit_flops
+
+        v = self.model.config.vision_config
+        text_hidden = self._text_config.hidden_size
+        images = int(inputs["pixel_values"].shape[0])
+        tokens = self.grid_side ** 2
+        projector = 2 * tokens * (v.hidden_size * text_hidden + text_hidden * text_hidden)
+        return images * (vit_flops(tokens + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
+
     @property
     def turn_end_token_ids(self) -> frozenset[int]:
         eos = getattr(self._text_config, "eos_token_id", None)

@@ -138,6 +138,26 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 
+    def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
+                         generator: torch.Generator) -> dict:
+        cfg = self.model.config
+        v = cfg.vision_config
+        patch, merge, temporal = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+        h, w = smart_resize(*image_size, factor=patch * merge)
+        gh, gw = h // patch, w // patch
+        input_ids = torch.cat([text_before, torch.tensor([cfg.vision_start_token_id]),
+                               torch.full((gh * gw // merge ** 2,), cfg.image_token_id),
+                               torch.tensor([cfg.vision_end_token_id]), text_after])[None]
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "mm_token_type_ids": (input_ids == cfg.image_token_id).to(torch.int32),
+                "pixel_values": torch.randn(gh * gw, 3 * temporal * patch * patch, generator=generator),
+                "image_grid_thw": torch.tensor([[1, gh, gw]])}
+
+    def vision_flops(self, inputs: dict) -> int:
+        from ..analytic import VisionArch, vision_flops
+
+        return vision_flops(VisionArch.from_config(self.model.config), [tuple(g) for g in inputs["image_grid_thw"].tolist()])
+
     @property
     def marker_token_ids(self) -> frozenset[int]:
         cfg = self.model.config
