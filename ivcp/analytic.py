@@ -11,7 +11,8 @@ KV bytes: 2 · Σ_layers KV · d · bytes · tokens_layer. Decoding is bound by 
 ideal cost is the bytes read per token: all LLM weights + the whole KV cache.
 Vision tower (Qwen2-VL / 2.5-VL) with P patches of width D: per block 2·P·4·D² (qkv + proj) + MLP
 (2·P·3·D·I gated in 2.5-VL, 2·P·2·D·I in 2-VL) + attention 4·D·Σ s² over its attention spans (whole
-frames in full-attention blocks, windows in the others); merger 2·(P/4)·(4D·4D + 4D·out). A plain ViT (LLaVA's CLIP) with T tokens (CLS included) per image:
+frames in full-attention blocks, windows in the others); merger 2·(P/4)·(4D·4D + 4D·out) (Qwen3-VL: non-gated MLP, full attention in every block, one merger
+more per deepstack level). A plain ViT (LLaVA's CLIP) with T tokens (CLS included) per image:
 per layer 2·T·4·D² + 2·T·2·D·I + 4·D·T²; LLaVA's projector 2·(T−1)·(D·h + h·h).
 """
 
@@ -84,10 +85,14 @@ class VisionArch:
     window_merged: int  # window side in merged tokens (0: no windows)
     merge: int
     out_dim: int
+    mergers: int = 1  # patch mergers (Qwen3-VL: the main one + one per deepstack level)
 
     @classmethod
     def from_config(cls, config) -> "VisionArch":
         v = config.vision_config
+        if hasattr(v, "deepstack_visual_indexes"):  # Qwen3-VL: full attention everywhere, plain MLP, deepstack mergers
+            return cls(v.depth, v.hidden_size, v.intermediate_size, False, tuple(range(v.depth)), 0,
+                       v.spatial_merge_size, v.out_hidden_size, 1 + len(v.deepstack_visual_indexes))
         if hasattr(v, "fullatt_block_indexes"):  # Qwen2.5-VL: windowed blocks, gated MLP
             return cls(v.depth, v.hidden_size, v.intermediate_size, True, tuple(v.fullatt_block_indexes),
                        v.window_size // v.spatial_merge_size // v.patch_size, v.spatial_merge_size, v.out_hidden_size)
@@ -119,7 +124,7 @@ def vision_flops(arch: VisionArch, grid_thw: list[tuple[int, int, int]]) -> int:
         total += 2 * patches * 4 * d * d + mlp + 4 * d * sum(s * s for s in spans)
     unit = arch.merge ** 2
     merged = patches // unit
-    return total + 2 * merged * (unit * d * unit * d + unit * d * arch.out_dim)
+    return total + arch.mergers * 2 * merged * (unit * d * unit * d + unit * d * arch.out_dim)
 
 
 def vit_flops(tokens: int, dim: int, intermediate: int, depth: int) -> int:

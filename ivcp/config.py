@@ -95,7 +95,8 @@ def family_rope(family: str):
     if rope is None:
         raise ValueError(f"no rotary parameters for model family {family!r}; known: {', '.join(available_adapters())}")
     section = rope.get("mrope_section")
-    return RopeSpec(float(rope["theta"]), int(rope["head_dim"]), tuple(section) if section else None)
+    return RopeSpec(float(rope["theta"]), int(rope["head_dim"]), tuple(section) if section else None,
+                    bool(rope.get("interleaved", False)))
 
 
 @functools.lru_cache(maxsize=None)

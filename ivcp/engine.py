@@ -94,6 +94,7 @@ class _PrefillState:
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current tokens
         self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use
         self.hidden_updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (input indices, features)
         self.cache = None
         self.marks: dict[str, list[torch.Tensor]] = {}
         self.stages: list[dict[str, Any]] = []
@@ -198,8 +199,7 @@ class SelectionContext:
         hidden = self._state.hidden_inputs[layer][:, pos]
         if norm:
             hidden = adapter.input_norm(module)(hidden)
-        proj = getattr(adapter.attention(module), f"{which}_proj")(hidden)
-        out = proj.view(hidden.shape[0], hidden.shape[1], -1, adapter.head_dim).transpose(1, 2)
+        out = adapter.project_heads(adapter.attention(module), which, hidden)
         if rotary and which != "v":
             cos, sin = self._state.rotary
             out = adapter.rotate(out, cos[:, pos].to(out.dtype), sin[:, pos].to(out.dtype))
@@ -437,7 +437,20 @@ class PruneSession:
             return None
         for seg in state.segments:
             state.visual[seg.start: seg.end] = True
-        return None
+        # features the decoder adds to visual tokens between layers (Qwen3-VL's deepstack): taken out of
+        # the decoder's hands and added by the layer hooks, to the tokens still present
+        state.additions = self.adapter.take_layer_additions(kwargs, len(self.adapter.layers))
+        return args, kwargs
+
+    def _add_layer_inputs(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Add a layer's residual additions (input index → feature) to the rows of the present tokens."""
+        tokens, values = self._state.additions[index]
+        kept = self._state.kept
+        pos = torch.searchsorted(kept, tokens).clamp(max=kept.numel() - 1)
+        present = kept[pos] == tokens
+        hidden = hidden.clone()
+        hidden[0, pos[present]] += values[present].to(hidden.dtype)
+        return hidden
 
     def _on_layer(self, index: int, args, kwargs):
         state = self._state
@@ -455,6 +468,8 @@ class PruneSession:
             state.cache = kwargs.get("past_key_values")
             state.rotary = tuple(kwargs["position_embeddings"])
             state.current_positions = state.position_ids
+        if index in state.additions:
+            hidden = self._add_layer_inputs(index, hidden)
         if index in self.stage_layers:
             hidden = self._select(index, hidden)
         if index + 1 in self.stage_layers:

@@ -63,7 +63,8 @@ def ivc_scores(positions: torch.Tensor, rope: RopeSpec, mode: str = "reference")
     V(m) = Σ cos(p(m)·θ_k), U(m) = Σ sin(p(m)·θ_k), θ_k = theta^(−2k/d).
     ``positions`` is (N,) for 1-D RoPE or (3, N) for M-RoPE (t, h, w streams). M-RoPE modes:
     ``reference`` sums every frequency over all three streams (the authors' code);
-    ``sectioned`` lets stream a rotate only its ``mrope_section`` frequencies (the model's rotation).
+    ``sectioned`` lets stream a rotate only its own frequencies (the model's rotation: contiguous
+    ``mrope_section`` blocks, or interleaved for Qwen3-VL — see ``RopeSpec.frequency_streams``).
     Returns (V, U), each (N,).
     """
     if mode not in IVC_MODES:
@@ -89,9 +90,7 @@ def _ivc_scores_cached(shape: tuple[int, ...], data: bytes, rope: RopeSpec, mode
         # permutation of each other tie exactly (float addition is not associative).
         per_stream_v, per_stream_u = angles.cos().sum(2), angles.sin().sum(2)  # (3, N)
         return per_stream_v.sort(0).values.sum(0), per_stream_u.sort(0).values.sum(0)
-    stream = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(rope.mrope_section)])  # frequency → stream
-    if stream.numel() != inv_freq.numel():
-        raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim/2 = {inv_freq.numel()}")
+    stream = rope.frequency_streams()  # frequency → the stream it rotates with (contiguous or interleaved)
     chosen = angles[stream, :, torch.arange(inv_freq.numel())]  # (d/2, N): frequency k under its own stream
     return chosen.cos().sum(0), chosen.sin().sum(0)
 

@@ -9,8 +9,9 @@ torch.set_num_threads(2)
 
 
 @functools.lru_cache(maxsize=None)
-def _model(family: str, attn: str, layers: int = 4):
-    return tiny_model(family, attn_implementation=attn, num_hidden_layers=layers)
+def _model(family: str, attn: str, layers: int | None = None):
+    """The tiny model of a family (its own depth: 4 layers, Qwen3-VL 5) with ``attn`` attention."""
+    return tiny_model(family, attn_implementation=attn, **({} if layers is None else {"num_hidden_layers": layers}))
 
 
 @pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
@@ -23,7 +24,7 @@ def model_and_processor(family):
     return _model(family, "sdpa")
 
 
-def get_model(family: str, attn: str = "sdpa", layers: int = 4):
+def get_model(family: str, attn: str = "sdpa", layers: int | None = None):
     return _model(family, attn, layers)
 
 

@@ -17,15 +17,33 @@ from torch import nn
 @dataclass(frozen=True)
 class RopeSpec:
     """Rotary parameters: θ_k = theta^(−2k/d), k = 0..d/2−1; ``mrope_section`` splits the d/2
-    frequencies between the t/h/w position streams (None for 1-D RoPE)."""
+    frequencies between the t/h/w position streams (None for 1-D RoPE): in contiguous blocks
+    (``interleaved=False``: Qwen2-VL, Qwen2.5-VL) or interleaved t, h, w, t, h, w, … with the rest to t
+    (``interleaved=True``: Qwen3-VL)."""
 
     theta: float
     head_dim: int
     mrope_section: tuple[int, ...] | None = None
+    interleaved: bool = False
 
     def inv_freq(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         k = torch.arange(0, self.head_dim, 2, dtype=dtype)
         return 1.0 / (self.theta ** (k / self.head_dim))
+
+    def frequency_streams(self) -> torch.Tensor:
+        """(d/2,) the position stream (0 = t, 1 = h, 2 = w) each frequency k rotates with."""
+        half = self.head_dim // 2
+        if self.mrope_section is None:
+            raise ValueError("1-D RoPE has a single position stream")
+        if sum(self.mrope_section) != half:
+            raise ValueError(f"mrope_section {self.mrope_section} does not cover head_dim/2 = {half}")
+        if not self.interleaved:
+            return torch.cat([torch.full((n,), i % 3) for i, n in enumerate(self.mrope_section)])
+        k = torch.arange(half)
+        streams = torch.zeros(half, dtype=torch.long)
+        streams[(k % 3 == 1) & (k < 3 * self.mrope_section[1])] = 1
+        streams[(k % 3 == 2) & (k < 3 * self.mrope_section[2])] = 2
+        return streams
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,13 @@ class ModelAdapter:
     def attention_scale(self, layer: nn.Module) -> float:
         return float(getattr(self.attention(layer), "scaling", self.head_dim ** -0.5))
 
+    def project_heads(self, attention: nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The attention's ``which`` ∈ {q, k, v} projection of ``hidden`` (B, T, hidden) per head, before
+        rotary, as the model computes it: (B, heads, T, head_dim). Families that normalise q / k per
+        head (Qwen3-VL) override this."""
+        proj = getattr(attention, f"{which}_proj")(hidden)
+        return proj.view(hidden.shape[0], hidden.shape[1], -1, self.head_dim).transpose(1, 2)
+
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Apply the rotary embedding the decoder uses: x·cos + rotate_half(x)·sin.
@@ -150,6 +175,13 @@ class ModelAdapter:
     def vision_global_block(self) -> int:
         """The last vision block whose output reaches the LLM (VScan's global block)."""
         return self.vision_depth - 1
+
+    def take_layer_additions(self, text_model_kwargs: dict, num_layers: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Features the decoder stack itself would add to visual tokens between layers (Qwen3-VL's
+        deepstack), removed from its forward kwargs so the engine adds them to the tokens still present:
+        layer index → (sorted input indices of batch row 0, (T, hidden) features added to that layer's
+        input). Most families add nothing: {}."""
+        return {}
 
     # --- synthetic inputs and vision cost (the benchmark) -------------------------------------
     def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,

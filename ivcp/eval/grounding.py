@@ -37,7 +37,7 @@ from ..adapters.qwen2_5_vl import smart_resize  # noqa: F401  (re-exported: the 
 GROUNDING_SPLITS = ("RefCOCO_testA", "RefCOCO_testB", "RefCOCO_val", "RefCOCO+_testA", "RefCOCO+_testB",
                     "RefCOCO+_val", "RefCOCOg_test", "RefCOCOg_val")
 BOX_CONVENTIONS = ("resized_pixels", "norm1000")
-FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000"}
+FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000"}
 
 # The authors' grounding prompts (their Qwen2VLPromptMixin._build_vg_prompt), the text after the image:
 # Qwen2.5-VL asks for JSON; Qwen2-VL uses its object-reference tokens (the authors also cut the
@@ -45,6 +45,8 @@ FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000"}
 GROUNDING_PROMPTS = {
     "qwen2_5_vl": "\nLocate {expression} and output the bbox coordinates in JSON format.",
     "qwen2_vl": "\n<|object_ref_start|>Detect {expression}<|object_ref_end|>",
+    # not in the paper: Qwen2.5-VL's prompt; Qwen3-VL answers "bbox_2d" relative to 1000
+    "qwen3_vl": "\nLocate {expression} and output the bbox coordinates in JSON format.",
 }
 
 
@@ -158,12 +160,16 @@ PAPER_PATCH = 28  # the authors' TSVs: boxes in the round(h / 28) * 28 x round(w
 
 def paper_prediction(text: str, family: str) -> tuple[float, float, float, float]:
     """The box the authors' code extracts from an answer: [0, 0, 0, 0] when the strict pattern fails.
-    Qwen2-VL's (x, y) pairs are divided by 1000 as theirs are."""
+    Qwen2-VL's (x, y) pairs are divided by 1000 as theirs are; so are Qwen3-VL's 0–1000 "bbox_2d"
+    numbers (a family they never ran: their strict parse, then its 0–1000 convention)."""
     if family == "qwen2_vl":
         match = _PAPER_QWEN2.search(text or "")
         return tuple(int(v) / 1000.0 for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
     match = _PAPER_QWEN25.search(text or "")
-    return tuple(float(int(v)) for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
+    if match is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    scale = 1000.0 if FAMILY_CONVENTION.get(family) == "norm1000" else 1.0
+    return tuple(int(v) / scale for v in match.groups())
 
 
 def paper_frame(width: int, height: int) -> tuple[int, int]:

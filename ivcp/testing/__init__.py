@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from . import llava, qwen
+from . import llava, qwen, qwen3_vl
 from .inputs import make_image, make_inputs
-from .qwen import GROUNDER_DIR, grounder_config, tiny_grounder
+from .grounder import GROUNDER_DIR, grounder_config, grounding_accuracy, tiny_grounder
 
 # family -> module with tiny_config(**overrides), tiny_model(seed, dtype, **overrides), tiny_processor(...)
-_BUILDERS = {family: module for module in (qwen, llava) for family in module.FAMILIES}
+_BUILDERS = {family: module for module in (qwen, qwen3_vl, llava) for family in module.FAMILIES}
 FAMILIES = tuple(_BUILDERS)
 
 
@@ -49,5 +49,5 @@ def tiny_config(family: str = "qwen2_5_vl", **overrides: Any):
     return _builder(family).tiny_config(family, **overrides)
 
 
-__all__ = ["FAMILIES", "GROUNDER_DIR", "grounder_config", "make_image", "make_inputs", "tiny_config", "tiny_grounder",
+__all__ = ["FAMILIES", "GROUNDER_DIR", "grounder_config", "grounding_accuracy", "make_image", "make_inputs", "tiny_config", "tiny_grounder",
            "tiny_model", "tiny_processor"]

@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models (random) and the tiny grounder (trained, shipped).
+"""Tiny Qwen2-VL / Qwen2.5-VL models (random weights).
 
 The architecture is the real one (vision tower, 2x2 merger, M-RoPE decoder), only small; the image
 processor is transformers' ``Qwen2VLImageProcessorPil`` (no torchvision).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,51 +182,6 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     printable_only(model, config.text_config.vocab_size, config.text_config.eos_token_id)
     return model, tiny_processor(family)
-
-
-# --- the tiny grounder: trained weights shipped with the package -----------------------------------
-
-GROUNDER_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_grounder"
-
-
-def grounder_config(rope_theta: float = 10.0, head_dim: int = 32, num_hidden_layers: int = 4,
-                    hidden_size: int = 128, **text_overrides: Any):
-    """The tiny grounder's architecture (``scripts/train_tiny_grounder.py`` trains it): a Qwen2.5-VL of
-    about 1.1 M parameters — decoder hidden ``hidden_size``, ``num_hidden_layers`` layers, heads of
-    ``head_dim`` with grouped-query attention (2 query heads per KV head), M-RoPE sections in Qwen's
-    proportions (1 : 1.5 : 1.5 of head_dim / 2); vision tower of hidden 64, 2 blocks (window attention
-    of 56 px, then full attention), 2 x 2 merger."""
-    heads = hidden_size // head_dim
-    if heads * head_dim != hidden_size or heads < 2:
-        raise ValueError(f"head_dim {head_dim} must divide hidden_size {hidden_size} into at least 2 heads")
-    half = head_dim // 2
-    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    text = dict(hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_hidden_layers=num_hidden_layers,
-                num_attention_heads=heads, num_key_value_heads=heads // 2,
-                rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": section})
-    text.update(text_overrides)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, window_size=56, fullatt_block_indexes=[1])
-    return tiny_config("qwen2_5_vl", vision_overrides=vision, **text)
-
-
-def tiny_grounder(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                  attn_implementation: str = "sdpa"):
-    """The shipped tiny grounder (trained, not random) and its processor: ``(model, processor)``.
-
-    It answers the harness's grounding prompt on ``ivcp data make-grounding`` pictures with
-    ``{"bbox_2d": [x1, y1, x2, y2]}``; ``ivcp/checkpoints/tiny_grounder/README.md`` says how it was
-    made and how well it grounds. Fully offline."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    folder = Path(path) if path is not None else GROUNDER_DIR
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no tiny grounder checkpoint in {folder} (model.safetensors); train one with "
-                                "scripts/train_tiny_grounder.py")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    model.eval()
-    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
-    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
-    return model, tiny_processor("qwen2_5_vl")
 
 
 def _mm_token_types(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
