@@ -3,7 +3,8 @@
 Counts are multiply-adds × 2 of the matrix products (norms, activations, softmax and rotary are left
 out: they are small and do not change with the method in a way that matters here).
 
-LLM layer with n tokens in prefill (causal), hidden h, intermediate I, H heads, KV heads of size d:
+LLM layer with n tokens in prefill (causal), hidden h, intermediate I (mixture of experts: top-k ×
+expert width, the experts a token runs), H heads, KV heads of size d:
     projections 2·n·(h·H·d + 2·h·KV·d + H·d·h) + MLP 2·n·3·h·I + attention 4·H·d·n(n+1)/2
 The LM head runs on the last token only (2·h·V). Decoding one token at a layer whose cache holds c
 entries (the new one included): 2·(h·H·d + 2·h·KV·d + H·d·h + 3·h·I) + 4·H·d·c.
@@ -33,9 +34,14 @@ class TextArch:
 
     @classmethod
     def from_config(cls, config) -> "TextArch":
+        """A mixture-of-experts decoder counts its active experts per token (top-k × expert width; the
+        router is left out) — the FLOPs and the weights one token reads."""
         text = getattr(config, "text_config", config)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+        intermediate = text.intermediate_size
+        if getattr(text, "num_experts", 0):
+            intermediate = text.num_experts_per_tok * text.moe_intermediate_size
+        return cls(text.hidden_size, intermediate, text.num_hidden_layers, text.num_attention_heads,
                    text.num_key_value_heads, head_dim, text.vocab_size)
 
     @property

@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:llava", "tiny:grounder")
+TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:llava", "tiny:grounder")
 
 
 def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: str | None = None,

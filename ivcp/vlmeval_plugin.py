@@ -29,6 +29,8 @@ from vlmeval.smp import LMUDataRoot, dump, load
 from vlmeval.vlm.llava.llava import LLaVA
 from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
 from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
+from vlmeval.vlm.qwen3_vl.model import Qwen3VLChat
+from vlmeval.vlm.qwen3_vl.prompt import Qwen3VLPromptMixin
 
 import ivcp
 
@@ -130,7 +132,37 @@ def _load_checkpoint(path: str, dtype: str = "bfloat16", **processor_kwargs):
     return load_model(path, dtype=getattr(torch, dtype) if cuda else torch.float32, processor_kwargs=processor_kwargs)
 
 
-class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
+class _QwenFamily:
+    """What the Qwen-VL wrappers share: the fields VLMEvalKit's Qwen chat classes read, loading, and
+    reading the answer (mixed in before ``Qwen2VLChat`` / ``Qwen3VLChat``)."""
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+    VIDEO_LLM = False
+
+    def _setup_qwen(self, model_path: str, family: str, min_pixels, max_pixels, dtype: str) -> None:
+        from .loading import load_model
+
+        self.family, self.model_path = family, model_path
+        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, None
+        self.system_prompt, self.verbose, self.post_process = None, False, False  # no system prompt passed
+        self.fps, self.nframe, self.FRAME_FACTOR = 2, 128, 2
+        self.use_vllm = self.use_lmdeploy = False
+        if model_path.startswith("tiny"):
+            self.model, self.processor = load_model(model_path, pixels=(min_pixels, max_pixels))
+        else:
+            self.model, self.processor = _load_checkpoint(model_path, dtype)  # the processor's own defaults
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.processor.batch_decode(tokens[None], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+
+    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
+        config = self.model.config
+        ids = torch.tensor([config.image_token_id, config.video_token_id], device=input_ids.device)
+        return int(torch.isin(input_ids, ids).sum())
+
+
+class IVCPQwenVL(_QwenFamily, IVCPModelMixin, Qwen2VLChat):
     """A Qwen2-VL / Qwen2.5-VL model run through ``ivcp.prune`` (or unpruned), with the authors' inputs.
 
     Subclasses VLMEvalKit's ``Qwen2VLChat`` for its prompt mixin and its message assembly
@@ -138,35 +170,19 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
     harness's generation settings, statistics). Runs on CPU when there is no GPU.
     """
 
-    INSTALL_REQ = False
-    INTERLEAVE = True
-    VIDEO_LLM = False
-
     def __init__(self, model_path: str, name: str, family: str, method: str | None = None,
                  method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
                  max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
-        from .loading import load_model
-
         Qwen2VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
-        self.family, self.model_path = family, model_path
-        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, None
-        self.system_prompt, self.verbose, self.post_process = None, False, False  # the authors pass no system prompt
-        self.fps, self.nframe, self.FRAME_FACTOR = 2, 128, 2
-        self.use_vllm = self.use_lmdeploy = False
-        if model_path.startswith("tiny"):
-            self.model, self.processor = load_model(model_path, pixels=(min_pixels, max_pixels))
-        else:
-            self.model, self.processor = _load_checkpoint(model_path, dtype)  # the authors: the processor's defaults
+        self._setup_qwen(model_path, family, min_pixels, max_pixels, dtype)
         self._setup_run(name, method, method_params or {}, protocol, generation or {})
 
-    # --- prompts ----------------------------------------------------------------------------------
     def authors_prompt_applies(self, dataset: str) -> bool:
         return Qwen2VLPromptMixin.use_custom_prompt(self, dataset)
 
     def authors_prompt(self, line, dataset: str):
         return Qwen2VLPromptMixin.build_prompt(self, line, dataset)
 
-    # --- inputs and outputs -----------------------------------------------------------------------
     def model_inputs(self, message, dataset=None):
         """The authors' Qwen2VLChat input path: one user turn (no system prompt passed: the template
         adds its default), images resized by qwen_vl_utils within the entry's pixel bounds."""
@@ -180,13 +196,41 @@ class IVCPQwenVL(IVCPModelMixin, Qwen2VLChat):
         inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
         return inputs, inputs["input_ids"].shape[1]
 
-    def decode(self, tokens: torch.Tensor) -> str:
-        return self.processor.batch_decode(tokens[None], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
 
-    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
-        config = self.model.config
-        ids = torch.tensor([config.image_token_id, config.video_token_id], device=input_ids.device)
-        return int(torch.isin(input_ids, ids).sum())
+class IVCPQwen3VL(_QwenFamily, IVCPModelMixin, Qwen3VLChat):
+    """A Qwen3-VL model (dense or MoE) run through ``ivcp.prune`` (or unpruned).
+
+    The authors never ran Qwen3-VL: its ``authors`` protocol is VLMEvalKit's own ``Qwen3VLChat`` input
+    path with its custom prompts (``Qwen3VLPromptMixin``: MCQ "Answer with the option letter only.",
+    Y/N " Please answer yes or no.", VQA "…concisely with short words or phrases…"; VLMEvalKit's
+    registered Qwen3-VL entries turn them off, which is our ``dataset`` protocol): no system prompt,
+    images resized by ``qwen_vl_utils`` with 16-px patches (factor 32) within the entry's bounds, then
+    the processor without resizing. Generation as every harness model (greedy, no repetition penalty).
+    """
+
+    def __init__(self, model_path: str, name: str, family: str = "qwen3_vl", method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
+                 max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
+        Qwen3VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
+        self._setup_qwen(model_path, family, min_pixels, max_pixels, dtype)
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
+
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return Qwen3VLPromptMixin.use_custom_prompt(self, dataset)
+
+    def authors_prompt(self, line, dataset: str):
+        return Qwen3VLPromptMixin.build_prompt(self, line, dataset)
+
+    def model_inputs(self, message, dataset=None):
+        from qwen_vl_utils import process_vision_info
+
+        messages = [{"role": "user", "content": self._prepare_content(message, dataset=dataset)}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, videos = process_vision_info(messages, image_patch_size=16)
+        inputs = self.processor(text=text, images=images, videos=videos, do_resize=False, return_tensors="pt")
+        self.last_prompt_text = text
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+        return inputs, inputs["input_ids"].shape[1]
 
 
 # The authors' (and VLMEvalKit's) Vicuna-v1 system prompt of their LLaVA wrapper; note the final space.
@@ -249,7 +293,7 @@ class IVCPLlava(IVCPModelMixin, LLaVA):
         return int((input_ids == self.model.config.image_token_id).sum())
 
 
-FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "llava": IVCPLlava}
+FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "qwen3_vl": IVCPQwen3VL, "llava": IVCPLlava}
 
 
 def model_registry() -> dict:
@@ -375,4 +419,4 @@ def register() -> list[str]:
     return list(models)
 
 
-__all__ = ["IVCPGrounding", "IVCPLlava", "IVCPModelMixin", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]
+__all__ = ["IVCPGrounding", "IVCPLlava", "IVCPModelMixin", "IVCPQwen3VL", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]

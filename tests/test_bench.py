@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import ivcp
 from ivcp import analytic, bench
 from ivcp.cli import main
 
@@ -107,6 +108,8 @@ def test_cli_bench_runs_and_rejects_bad_input(tmp_path, capsys):
 @pytest.mark.parametrize("name,low,high,layers", [
     ("qwen2_5_vl_7b", 8.0e9, 8.6e9, 28),  # Qwen2.5-VL-7B has about 8.3 B parameters
     ("llava_1_5_7b", 6.9e9, 7.2e9, 32),  # LLaVA-1.5-7B: 7.06 B
+    ("qwen3_vl_8b", 8.7e9, 8.85e9, 36),  # Qwen3-VL-8B: 8.77 B
+    ("qwen3_vl_30b_a3b", 30.9e9, 31.2e9, 48),  # Qwen3-VL-30B-A3B: 31.07 B in all
 ])
 def test_bundled_architectures_build_on_meta(name, low, high, layers):
     # the layouts build without memory on the meta device, with the public sizes
@@ -133,3 +136,22 @@ def test_llava_synthetic_inputs_and_bench_rows():
     assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)
     v = model.config.vision_config  # 65 tokens (CLS included), width 32, MLP 64, 3 blocks; projector 64 tokens
     assert rows[0]["flops_vision"] == analytic.vit_flops(65, 32, 64, 3) + 2 * 64 * (v.hidden_size * 64 + 64 * 64)
+
+
+def test_moe_counts_its_active_experts():
+    model = bench.random_model("qwen3_vl_30b_a3b", device="meta")
+    arch = analytic.TextArch.from_config(model.config)
+    assert arch.intermediate == 8 * 768  # top-8 experts of width 768 run per token
+    # attention (q 2048x4096, k and v 2048x512 each, o 4096x2048) + 3 matrices of the active experts, per layer,
+    # 48 layers, + the LM head: about 3.3 B weights read per token ("A3B")
+    assert 3.0e9 < arch.weight_count < 3.6e9
+
+
+def test_qwen3_synthetic_inputs_and_vision_flops():
+    model, _ = get_model("qwen3_vl")
+    inputs = bench.synthetic_inputs(model, (160, 224), prompt_tokens=4, system_tokens=3)
+    assert inputs["image_grid_thw"].tolist() == [[1, 10, 14]] and int(inputs["mm_token_type_ids"].sum()) == 35
+    v = model.config.vision_config  # 140 patches of width 32, MLP 64, 3 blocks of full attention, 1 + 3 mergers
+    per_block = 2 * 140 * 4 * 32 * 32 + 2 * 2 * 140 * 32 * 64 + 4 * 32 * 140 ** 2
+    merger = 2 * 35 * (128 * 128 + 128 * v.out_hidden_size)
+    assert ivcp.adapters.adapter_for(model).vision_flops(inputs) == 3 * per_block + 4 * merger

@@ -163,6 +163,27 @@ def test_prompts_equal_the_authors_or_the_datasets(table2, protocol):
             "from the options above. \n")
 
 
+def test_qwen3_prompts_follow_vlmevalkits_qwen3_wrapper(table2, tmp_path):
+    from vlmeval.vlm.qwen3_vl.prompt import Qwen3VLPromptMixin
+
+    class PipQwen3(Qwen3VLPromptMixin):
+        """The oracle: pip VLMEvalKit's Qwen3-VL prompt builder."""
+
+    oracle = PipQwen3(use_custom_prompt=True)
+    settings = {"max_new_tokens": 1, "do_sample": False, "repetition_penalty": 1.0}
+    for name in ("Qwen3-VL-8B-Instruct_IVCP", "Qwen3-VL-30B-A3B-Instruct_PDrop_DatasetPrompt"):
+        model = _wrapper(name, generation=settings, model_path="tiny:qwen3_vl_moe" if "A3B" in name else "tiny:qwen3_vl")
+        for bench, dataset in table2.items():
+            line = dataset.data.iloc[0]
+            oracle.set_dump_image(dataset.dump_image)
+            custom = model.protocol == "authors" and oracle.use_custom_prompt(bench)
+            expected = oracle.build_prompt(line, bench) if custom else dataset.build_prompt(line)
+            message, text = _received(model, dataset, line, bench)
+            assert message == expected, (name, bench)
+            assert text == _rendered(model, expected), (name, bench)
+    assert _received(model, table2["POPE"], table2["POPE"].data.iloc[0], "POPE")[1].startswith("<|im_start|>user\n")
+
+
 def test_llava_prompts_are_the_authors_vicuna_text(table2):
     """The authors' LLaVAIVCP: VLMEvalKit's LLaVA prompts, "system USER: <content> ASSISTANT: " with
     each image as " <image> " (written out here from PROTOCOL.md, not taken from any code)."""
@@ -193,6 +214,7 @@ def test_llava_prompts_are_the_authors_vicuna_text(table2):
     ("Qwen2.5-VL-7B-Instruct_IVCP", "\nLocate the red circle and output the bbox coordinates in JSON format."),
     ("Qwen2.5-VL-7B-Instruct_DatasetPrompt", "\nLocate the red circle and output the bbox coordinates in JSON format."),
     ("Qwen2-VL-7B-Instruct", "\n<|object_ref_start|>Detect the red circle<|object_ref_end|>"),
+    ("Qwen3-VL-8B-Instruct_VScan", "\nLocate the red circle and output the bbox coordinates in JSON format."),
 ])
 def test_grounding_prompt_image_and_generation_settings(lmudata, name, expected, monkeypatch):
     plugin.register()
