@@ -116,6 +116,14 @@ class SelectionContext:
         return self._state.segments
 
     @property
+    def units(self) -> list[list[Segment]]:
+        """The segments grouped by image / frame (a tiled image's tiles and thumbnail together), in order."""
+        groups: dict[tuple, list[Segment]] = {}
+        for seg in self._state.segments:
+            groups.setdefault(seg.unit, []).append(seg)
+        return list(groups.values())
+
+    @property
     def device(self) -> torch.device:
         return self._state.input_ids.device
 
@@ -238,13 +246,14 @@ class SelectionContext:
         return self._session.vision_attention(self._state.segments, block)[segment]
 
     @torch.no_grad()
-    def values(self, tokens, layer: int | None = None) -> torch.Tensor:
-        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (B, kv_heads, T, d)."""
+    def values(self, tokens, layer: int | None = None, norm: bool = True) -> torch.Tensor:
+        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (B, kv_heads, T, d); with
+        ``norm=False``, of the layer's input without its input norm (the authors' InternVL code)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         cached = self._cached(layer)
-        if cached is not None:
+        if cached is not None and norm:
             return cached.values[:, :, self._local(tokens)].float()
-        return self._projection("v", layer, tokens).float()
+        return self._projection("v", layer, tokens, norm=norm).float()
 
     @torch.no_grad()
     def keys(self, tokens, layer: int | None = None, norm: bool = True, rotary: bool = True) -> torch.Tensor:

@@ -31,7 +31,7 @@ class FakeContext:
     def text_queries(self, segment, offset=0):
         return self.text
 
-    def values(self, tokens):
+    def values(self, tokens, layer=None, norm=True):
         return self.value_table[:, :, tokens]
 
     def mark(self, name, tokens):

@@ -52,7 +52,7 @@ class HandContext:
         assert offset == 2
         return torch.tensor([8])
 
-    def values(self, tokens, layer=None):
+    def values(self, tokens, layer=None, norm=True):
         return self._values[torch.as_tensor(tokens)][None, None]  # (B=1, heads=1, T, d=2)
 
     def mark(self, name, tokens):

@@ -48,8 +48,11 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class Segment:
-    """One visual segment (an image, or one frame of a video): the half-open span ``[start, end)`` of
-    its tokens in the input sequence and its merged grid (``grid_h`` × ``grid_w`` tokens, row-major)."""
+    """One visual segment: the half-open span ``[start, end)`` of its tokens in the input sequence and
+    its merged grid (``grid_h`` × ``grid_w`` tokens, row-major). A segment is an image, one frame of a
+    video, or one tile of an image cut into tiles (InternVL: ``part`` of ``parts``, the thumbnail last);
+    the segments of one image or frame form a *unit* (same kind, source and frame) that methods give
+    one budget. ``layout`` = (rows, cols) of a tiled image's tiles when known."""
 
     start: int
     end: int
@@ -58,10 +61,19 @@ class Segment:
     kind: str = "image"  # "image" or "video"
     source: int = 0  # index of the image, or of the video, in the prompt
     frame: int = 0  # temporal index inside a video (0 for images)
+    part: int = 0  # index of this segment among its unit's (a tile; the thumbnail is the last)
+    parts: int = 1
+    thumbnail: bool = False
+    layout: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:
         return self.end - self.start
+
+    @property
+    def unit(self) -> tuple[str, int, int]:
+        """The image or frame this segment belongs to."""
+        return (self.kind, self.source, self.frame)
 
     def indices(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.arange(self.start, self.end, device=device)

@@ -1,6 +1,7 @@
 """IVC-Prune (arXiv 2602.03060): implicit visual coordinate tokens + value-similarity foreground.
 
-Per visual segment of N tokens, at layer K (signals from layer K−1):
+Per image or video frame of N tokens (several segments for a tiled image: IVC per tile, the rest
+over the whole image), at layer K (signals from layer K−1):
 - IVC tokens (eq. 5, 7, 8): V(m) = Σ_k cos(p(m)·θ_k), U(m) = Σ_k sin(p(m)·θ_k) from the token's
   absolute rotary ids; IVC = top round(ivc_ratio·N) by V ∪ top round(ivc_ratio·N) by U.
 - Foreground (eq. 9, 10): A = mean_heads softmax(V_q·V_imgᵀ/√d) on layer K−1 value vectors; seeds =
@@ -32,6 +33,7 @@ from .registry import register_method
 BUDGET_MODES = ("reference_fill", "paper_union", "reference_union")
 FOREGROUND_SIGNALS = ("value", "attention")
 FOREGROUND_SOFTMAX = ("visual", "sequence")
+FOREGROUND_SOURCES = ("unit", "thumbnail")
 
 
 def ivc_tokens(ctx, segment, ivc_ratio: float, ivc_mode: str) -> torch.Tensor:
@@ -57,7 +59,12 @@ class IVCPrune(PruningMethod):
     ``foreground_softmax="sequence"`` (the value-similarity softmax over every prompt token, not only
     the segment's: LLaVA, InternVL), ``trim_layer0_kv=False`` (layer 0 keeps its whole cache: LLaVA),
     ``text_query_offset=2`` (text queries from two tokens after the segment, as all their code does;
-    ours, 0, starts right after it, vision markup excluded).
+    ours, 0, starts right after it, vision markup excluded); ``value_norm=False`` (value vectors of the
+    layer's input without its norm: InternVL); ``foreground_source="thumbnail"`` (InternVL: the
+    foreground is chosen on the thumbnail and mapped onto the tiles, see ``_thumbnail_driven``).
+
+    An image cut into tiles (InternVL) is one unit: IVC tokens per tile (its own positions), the
+    foreground and the budget over all its tiles and its thumbnail together.
     """
 
     name: ClassVar[str] = "ivc_prune"
@@ -78,6 +85,9 @@ class IVCPrune(PruningMethod):
     foreground_softmax: str = "visual"
     trim_layer0_kv: bool = True
     text_query_offset: int = 0
+    value_norm: bool = True
+    foreground_source: str = "unit"
+    thumbnail_keep_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         check_choice(self.name, "ivc_mode", self.ivc_mode, IVC_MODES)
@@ -86,6 +96,7 @@ class IVCPrune(PruningMethod):
         check_choice(self.name, "foreground_stages", self.foreground_stages, (1, 2))
         check_choice(self.name, "foreground_signal", self.foreground_signal, FOREGROUND_SIGNALS)
         check_choice(self.name, "foreground_softmax", self.foreground_softmax, FOREGROUND_SOFTMAX)
+        check_choice(self.name, "foreground_source", self.foreground_source, FOREGROUND_SOURCES)
         if isinstance(self.text_query_offset, bool) or not isinstance(self.text_query_offset, int) \
                 or self.text_query_offset < 0:
             raise ValueError(f"{self.name}: text_query_offset must be a non-negative int, got {self.text_query_offset!r}")
@@ -95,37 +106,97 @@ class IVCPrune(PruningMethod):
     def trimmed_layers(self, layer: int) -> range:
         return range(0 if self.trim_layer0_kv else 1, layer)
 
+    def select(self, ctx) -> torch.Tensor:
+        kept = [self.select_unit(ctx, unit) for unit in ctx.units]
+        return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=ctx.device)
+
     def select_segment(self, ctx, segment) -> torch.Tensor:
-        n = segment.n
-        if self.pattern == "ivc":
-            positional = ivc_tokens(ctx, segment, self.ivc_ratio, self.ivc_mode)
-            ctx.mark("ivc", segment.start + positional)
-        else:
-            positional = pattern_tokens(self.pattern, segment.grid_h, segment.grid_w, self.pattern_ratio).to(ctx.device)
-            ctx.mark("pattern", segment.start + positional)
+        """Local indices kept of a segment that is a whole image or frame."""
+        return self.select_unit(ctx, [segment]) - segment.start
+
+    def select_unit(self, ctx, segments) -> torch.Tensor:
+        """Input indices kept of one image or frame (its segments: one, or a tiled image's tiles and
+        thumbnail): positional tokens per segment, foreground and budget over the whole unit."""
+        image = torch.cat([seg.indices(ctx.device) for seg in segments])
+        positional = torch.cat([seg.start + self._positional(ctx, seg) for seg in segments])
         if not self.use_foreground:
             return positional
-        seeds, f = self._foreground(ctx, segment)
-        ctx.mark("seed", segment.start + seeds)
+        if self.foreground_source == "thumbnail":
+            return self._thumbnail_driven(ctx, segments, image, positional)
+        seeds, f = self._foreground(ctx, segments, image)
+        ctx.mark("seed", image[seeds])
+        positional = torch.searchsorted(image, positional)  # local to the unit from here on
+        n = image.numel()
         if self.budget_mode == "reference_fill":
-            return fill_to_budget(torch.cat([positional, seeds]), f, keep_count(self.keep_ratio, n))
+            return image[fill_to_budget(torch.cat([positional, seeds]), f, keep_count(self.keep_ratio, n))]
         foreground = top_k(f, keep_count(self.foreground_ratio, n))
         if self.budget_mode == "reference_union":
-            return torch.unique(torch.cat([positional, seeds, foreground]))
-        return torch.unique(torch.cat([positional, foreground]))
+            return image[torch.unique(torch.cat([positional, seeds, foreground]))]
+        return image[torch.unique(torch.cat([positional, foreground]))]
 
-    def _foreground(self, ctx, segment) -> tuple[torch.Tensor, torch.Tensor]:
-        text, image = ctx.text_queries(segment, self.text_query_offset), segment.indices(ctx.device)
+    def _positional(self, ctx, segment) -> torch.Tensor:
+        """Local indices of a segment's positional tokens: its IVC tokens, or an ablation pattern."""
+        if self.pattern == "ivc":
+            local = ivc_tokens(ctx, segment, self.ivc_ratio, self.ivc_mode)
+            ctx.mark("ivc", segment.start + local)
+        else:
+            local = pattern_tokens(self.pattern, segment.grid_h, segment.grid_w, self.pattern_ratio).to(ctx.device)
+            ctx.mark("pattern", segment.start + local)
+        return local
+
+    def _foreground(self, ctx, segments, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seeds, refined score f) over ``image`` (the unit's input indices), local to it."""
+        text = ctx.text_queries(segments[-1], self.text_query_offset)
         if self.foreground_signal == "value":
             context = columns = None
             if self.foreground_softmax == "sequence":  # every present token is a key
                 alive = ctx.alive
-                context = ctx.values(alive)[0]
+                context = ctx.values(alive, norm=self.value_norm)[0]
                 columns = torch.searchsorted(alive, image)
-            _, seeds, f = foreground_scores(ctx.values(text)[0], ctx.values(image)[0], self.seed_ratio,
+            _, seeds, f = foreground_scores(ctx.values(text, norm=self.value_norm)[0],
+                                            ctx.values(image, norm=self.value_norm)[0], self.seed_ratio,
                                             self.foreground_stages, context, columns)
         else:
             rows = lambda queries: ctx.attention(queries, image)[0].mean(0)  # noqa: E731  (Q, N)
-            _, seeds, f = foreground_from_rows(rows(text), lambda seeds: rows(segment.start + seeds),
-                                              self.seed_ratio, self.foreground_stages)
+            _, seeds, f = foreground_from_rows(rows(text), lambda seeds: rows(image[seeds]), self.seed_ratio,
+                                              self.foreground_stages)
         return seeds.to(ctx.device), f
+
+    def _thumbnail_driven(self, ctx, segments, image, positional) -> torch.Tensor:
+        """The authors' InternVL code: foreground chosen on the thumbnail (the unit's last segment) and
+        mapped onto the tiles; the thumbnail keeps ``thumbnail_keep_ratio`` (its IVC tokens, filled by the
+        refined score); the unit keeps round(keep_ratio · N): under budget it is filled with thumbnail
+        tokens by the refined score, over budget the lowest input indices are kept."""
+        thumb, tiles = segments[-1], segments[:-1]
+        if tiles and thumb.layout is None:
+            raise ValueError(f"{self.name}: foreground_source='thumbnail' needs the tiles' layout (rows, cols): pass "
+                             "the images' sizes (image_sizes=[(height, width), ...]) with the inputs")
+        seeds, f = self._foreground(ctx, [thumb], thumb.indices(ctx.device))
+        ctx.mark("seed", thumb.start + seeds)
+        thumb_positional = positional[(positional >= thumb.start) & (positional < thumb.end)] - thumb.start
+        thumb_keep = fill_to_budget(thumb_positional, f, keep_count(self.thumbnail_keep_ratio, thumb.n))
+        chosen = [thumb.start + thumb_keep, positional[positional < thumb.start], thumb.start + seeds]
+        if tiles:
+            foreground = thumb_keep[~torch.isin(thumb_keep, thumb_positional)]
+            chosen.append(map_to_tiles(foreground, thumb, tiles))
+        priority = torch.unique(torch.cat(chosen))
+        target = keep_count(self.keep_ratio, image.numel())
+        if priority.numel() >= target:
+            return priority[:target]  # ascending input index: the thumbnail, then the later tiles, lose first
+        ranked = thumb.start + top_k(f, thumb.n)
+        return torch.cat([priority, ranked[~torch.isin(ranked, priority)][: target - priority.numel()]])
+
+
+def map_to_tiles(thumbnail_tokens: torch.Tensor, thumbnail, tiles) -> torch.Tensor:
+    """Input indices of the tile tokens under thumbnail tokens (local indices on the thumbnail's grid):
+    thumbnail cell (r, c) covers rows r·R … r·R + R − 1 and columns c·C … c·C + C − 1 of the tiles'
+    (grid_h·R) × (grid_w·C) mosaic, for a layout of R rows × C columns of tiles (row-major)."""
+    rows, cols = thumbnail.layout
+    gh, gw = thumbnail.grid_h, thumbnail.grid_w
+    r, c = thumbnail_tokens // gw, thumbnail_tokens % gw
+    dy, dx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    big_r = (r[:, None] * rows + dy.flatten()[None]).flatten()
+    big_c = (c[:, None] * cols + dx.flatten()[None]).flatten()
+    tile = (big_r // gh) * cols + big_c // gw
+    starts = torch.tensor([t.start for t in tiles], device=thumbnail_tokens.device)
+    return starts[tile] + (big_r % gh) * gw + big_c % gw
