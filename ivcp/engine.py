@@ -79,9 +79,10 @@ class _CacheInfo:
 
 
 class _PrefillState:
-    def __init__(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw):
+    def __init__(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes=None):
         self.input_ids = input_ids
         self.grids = (image_grid_thw, video_grid_thw)
+        self.image_sizes = image_sizes
         self.segments: list[Segment] = []
         self.seq_len = input_ids.shape[1]
         self.visual = torch.zeros(self.seq_len, dtype=torch.bool, device=input_ids.device)  # over the input
@@ -406,7 +407,8 @@ class PruneSession:
             raise ValueError(f"ivcp trims a DynamicCache; this cache ({type(cache).__name__}) has other layer types")
         if has_pixels:  # the tower runs inside this forward: anything captured before is stale
             self._vision_calls, self._vision_scores = [], {}
-        self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
+        self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
+                                    kwargs.get("image_sizes"))
         return None
 
     def _continue(self, cache, past: int, kwargs) -> bool:
@@ -437,7 +439,8 @@ class PruneSession:
         elif pos.shape[0] == rows + 1:  # text row first, then the rotary rows
             pos = pos[1:]
         state.position_ids = pos
-        state.segments = self.adapter.segments(state.input_ids[0], state.grids[0], state.grids[1], pos[:, 0])
+        state.segments = self.adapter.segments(state.input_ids[0], state.grids[0], state.grids[1], pos[:, 0],
+                                               image_sizes=state.image_sizes)
         if not state.segments:  # text only: runs unpruned
             n = state.seq_len
             self.last = PrefillRecord([], torch.arange(n), 0, 0, [n] * len(self.adapter.layers), n,

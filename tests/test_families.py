@@ -12,7 +12,7 @@ from ivcp.testing import make_image, make_inputs
 from conftest import get_model
 from oracle import oracle_logits, record_stages, trimmed_layers, vscan_embedding_updates
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava", "qwen3_vl", "qwen3_vl_moe", "internvl", "internvl_llama"]
 METHODS = sorted(ivcp.available_methods())
 
 

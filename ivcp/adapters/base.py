@@ -213,9 +213,11 @@ class ModelAdapter:
 
     # --- the prompt -------------------------------------------------------------------------
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> list[Segment]:
+                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                 image_sizes=None) -> list[Segment]:
         """Visual segments of one row of ``input_ids`` (S,), in sequence order. ``position_ids``
-        (rows, S) are the rotary ids, for when the grids are not at hand."""
+        (rows, S) are the rotary ids, for when the grids are not at hand; ``image_sizes`` the images'
+        (height, width) when the caller passed them (tiled families need them for the tiles' layout)."""
         raise NotImplementedError
 
     @property

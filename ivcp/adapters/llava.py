@@ -78,7 +78,7 @@ class LlavaAdapter(ModelAdapter):
                              f"not {strategy!r}: with the CLS token an image's tokens do not form a grid")
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
-                 position_ids: torch.Tensor | None = None) -> list[Segment]:
+                 position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:
         positions = (input_ids == self.model.config.image_token_id).nonzero().flatten()
         if not positions.numel():
             return []

@@ -172,7 +172,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return frozenset(eos)
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> list[Segment]:
+                 video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                 image_sizes=None) -> list[Segment]:
         cfg = self.model.config
         segments: list[Segment] = []
         for kind, token_id, grids in (("image", cfg.image_token_id, image_grid_thw),

@@ -1,0 +1,187 @@
+"""InternVL 2.5 / 3 (transformers' native ``InternVLForConditionalGeneration``: InternVL3-*-hf, and
+InternVL2.5 checkpoints converted by ``scripts/convert_internvl.py``).
+
+Layout: ``model.model`` is the multimodal model (InternViT ``vision_tower``, pixel-shuffle projector,
+``language_model``: a Qwen2 or a Llama decoder — the converted InternLM2 of InternVL2.5-8B is a Llama);
+decoder layers at ``model.model.language_model.layers``. Images are cut into 448-px tiles by InternVL's
+dynamic tiling (the closest aspect ratio of cols × rows within 1 … max tiles), plus a 448-px thumbnail
+of the whole image when there are several tiles; each tile gives 16 × 16 = 256 tokens (a raster of
+2 × 2-patch cells). In the input: ``<img>`` + 256 ``<IMG_CONTEXT>`` per tile (tiles row-major, the
+thumbnail last) + ``</img>``; ``<img>`` / ``</img>`` are the ids just below ``<IMG_CONTEXT>`` in
+InternVL's tokenizers. Each tile is a segment (its own 16 × 16 grid and positions); an image's tiles
+and thumbnail form one unit. The tiles' layout (rows, cols) is not in the input ids: it is recomputed
+from the image size (``image_sizes``) when given. Rotary: 1-D RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
+
+
+def tile_grid(height: int, width: int, min_tiles: int = 1, max_tiles: int = 6, tile_size: int = 448,
+              tiles: int | None = None) -> tuple[int, int]:
+    """InternVL's dynamic tiling: the (cols, rows) of tiles whose aspect ratio is closest to the image's
+    among all cols · rows in [min_tiles, max_tiles] (scanned by increasing count, then columns); on an
+    exact tie the later arrangement wins if the image area exceeds half the tiles' area. With ``tiles``,
+    only arrangements of that many tiles are considered (the layout of a known tile count)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    candidates = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+                         if min_tiles <= c * r <= max_tiles), key=lambda g: g[0] * g[1])
+    if tiles is not None:
+        candidates = [(c, r) for c in range(1, tiles + 1) for r in range(1, tiles + 1) if c * r == tiles]
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidates:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+@register_adapter
+class InternVLAdapter(ModelAdapter):
+    family = "internvl"
+    model_types = ("internvl",)
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    @property
+    def _text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_heads(self) -> int:
+        return self._text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self._text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def rope(self) -> RopeSpec:
+        params = getattr(self._text_config, "rope_parameters", None) or {}
+        return RopeSpec(theta=float(params.get("rope_theta", 10000.0)), head_dim=self.head_dim)
+
+    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_model.rotary_emb(hidden, position_ids[0])
+
+    # --- the prompt ---------------------------------------------------------------------------
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.model.config.image_seq_length)
+
+    @property
+    def tile_side(self) -> int:
+        side = math.isqrt(self.tokens_per_tile)
+        if side * side != self.tokens_per_tile:
+            raise ValueError(f"image_seq_length {self.tokens_per_tile} is not a square grid of tokens")
+        return side
+
+    @property
+    def marker_token_ids(self) -> frozenset[int]:
+        context = self.model.config.image_token_id
+        return frozenset({context, context - 2, context - 1})  # <IMG_CONTEXT>, <img>, </img>
+
+    @property
+    def turn_end_token_ids(self) -> frozenset[int]:
+        eos = getattr(self._text_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return frozenset(eos)
+
+    def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
+                 position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:
+        context = self.model.config.image_token_id
+        positions = (input_ids == context).nonzero().flatten()
+        if not positions.numel():
+            return []
+        per_tile, side = self.tokens_per_tile, self.tile_side
+        breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+        runs = torch.tensor_split(positions, breaks.tolist())
+        sizes = None if image_sizes is None else [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
+        if sizes is not None and len(sizes) != len(runs):
+            raise ValueError(f"{len(sizes)} image sizes for {len(runs)} images in the prompt")
+        segments: list[Segment] = []
+        for source, run in enumerate(runs):
+            start, n = int(run[0]), run.numel()
+            if n % per_tile:
+                raise ValueError(f"an image of {n} tokens at {start} is not a whole number of {per_tile}-token tiles")
+            parts = n // per_tile
+            if int(input_ids[start - 1]) != context - 2 or start + n >= input_ids.numel() or \
+                    int(input_ids[start + n]) != context - 1:
+                raise ValueError(f"the image tokens at {start} are not between <img> and </img>")
+            layout = None
+            if sizes is not None and parts > 1:
+                cols, rows = tile_grid(*sizes[source], tiles=parts - 1)
+                layout = (rows, cols)
+            for part in range(parts):
+                first = start + part * per_tile
+                segments.append(Segment(first, first + per_tile, side, side, "image", source, 0, part, parts,
+                                        thumbnail=parts > 1 and part == parts - 1, layout=layout))
+        return segments
+
+    # --- the vision tower (InternViT) ---------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def vision_attention_module(self, block: int) -> nn.Module:
+        return self.vision_tower.encoder.layer[block].attention
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self.vision_tower.encoder.layer)
+
+    @property
+    def vision_local_block(self) -> int:
+        # InternViT attends globally in every block; take the depth Qwen2.5-VL's first full-attention
+        # block has (7 of 32)
+        return int(7 * self.vision_depth / 32)
+
+    @torch.no_grad()
+    def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        """InternViT block attention received by each patch (mean over heads and all queries, CLS
+        included as a query), pooled over each 2 × 2 pixel-shuffle cell: one (256,) tensor per tile."""
+        args, kwargs = attention_call["args"], attention_call["kwargs"]
+        attn = attention_call["module"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (tiles, 1 + patches, D)
+        out = []
+        for tile in hidden:
+            q, k = attn.q_proj(tile), attn.k_proj(tile)
+            if getattr(attn, "q_norm", None) is not None and not isinstance(attn.q_norm, nn.Identity):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q.view(tile.shape[0], attn.num_heads, -1).transpose(0, 1)
+            k = k.view(tile.shape[0], attn.num_heads, -1).transpose(0, 1)
+            patches = mean_received(q, k, attn.scale)[1:]
+            side = math.isqrt(patches.numel())
+            cells = patches.view(side // 2, 2, side // 2, 2).mean(dim=(1, 3))  # token (r, c) = patches 2r.., 2c..
+            out.append(cells.flatten())
+        return out

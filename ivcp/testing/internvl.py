@@ -1,0 +1,125 @@
+"""Tiny InternVL models (random): InternViT tower, pixel-shuffle projector, and a Qwen2 decoder
+(``internvl``, as InternVL3) or a Llama decoder (``internvl_llama``, as a converted InternVL2.5-8B).
+
+Tiles of 64 px with 8-px patches: 8 × 8 patches, pixel shuffle → 4 × 4 = 16 tokens per tile (the real
+model: 448 px, 14-px patches, 256 tokens); up to 6 tiles + a thumbnail, InternVL's dynamic tiling.
+The processor is PIL-only (transformers' ``GotOcr2ImageProcessorPil`` + the text expansion of
+``InternVLProcessor``, which itself needs torchvision for its video half); it also returns the images'
+``image_sizes`` so the tiles' layout is known.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .common import printable_only, seeded, widen_init
+from .tokenizer import byte_tokenizer
+
+FAMILIES = ("internvl", "internvl_llama")
+TILE, PATCH, MAX_TILES = 64, 8, 6
+# <img>, </img>, <IMG_CONTEXT> in this order (consecutive ids, as in InternVL's tokenizers)
+SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    return byte_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+class TinyInternVLProcessor:
+    """InternVL's processing without torchvision: tiles by ``GotOcr2ImageProcessorPil``, each image's
+    ``<IMG_CONTEXT>`` placeholder expanded to ``<img>`` + tokens_per_tile × tiles ``<IMG_CONTEXT>`` +
+    ``</img>``; returns input_ids, attention_mask, pixel_values and image_sizes (height, width)."""
+
+    image_token = "<IMG_CONTEXT>"
+
+    def __init__(self, image_processor, tokenizer, tokens_per_tile: int):
+        self.image_processor, self.tokenizer, self.tokens_per_tile = image_processor, tokenizer, tokens_per_tile
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        if tokenize:
+            raise ValueError("apply_chat_template only renders text here; call the processor on it")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                  **kwargs)
+
+    def __call__(self, text, images=None, return_tensors: str = "pt", **kwargs) -> dict:
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            data["pixel_values"] = vision["pixel_values"]
+            data["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
+            tiles = iter(vision["num_patches"].tolist() if torch.is_tensor(vision["num_patches"]) else vision["num_patches"])
+            expanded = []
+            for t in texts:
+                pieces = t.split(self.image_token)
+                out = pieces[0]
+                for piece in pieces[1:]:
+                    out += "<img>" + "<placeholder>" * self.tokens_per_tile * next(tiles) + "</img>" + piece
+                expanded.append(out.replace("<placeholder>", self.image_token))
+            texts = expanded
+        ids = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
+        data["input_ids"], data["attention_mask"] = ids["input_ids"], ids["attention_mask"]
+        return data
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def tiny_processor(family: str = "internvl", max_tiles: int = MAX_TILES) -> TinyInternVLProcessor:
+    from transformers import GotOcr2ImageProcessorPil
+
+    image_processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
+                                               min_patches=1, max_patches=max_tiles,
+                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return TinyInternVLProcessor(image_processor, tiny_tokenizer(), (TILE // PATCH) ** 2 // 4)
+
+
+def tiny_config(family: str = "internvl", **overrides: Any):
+    from transformers import InternVLConfig
+
+    tokenizer = tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(model_type="llama" if family == "internvl_llama" else "qwen2", hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    text.update(overrides)
+    attn = text.pop("attn_implementation", "sdpa")
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=TILE, patch_size=PATCH, use_mean_pooling=True, layer_scale_init_value=0.1),
+        text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=(TILE // PATCH) ** 2 // 4,
+        downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False)
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attn
+    return config
+
+
+def tiny_model(family: str = "internvl", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    from transformers import InternVLForConditionalGeneration
+
+    config = tiny_config(family, **overrides)
+    with seeded(seed):
+        model = InternVLForConditionalGeneration(config)
+        widen_init(model)
+    model = model.to(dtype).eval()
+    text = config.text_config
+    model.generation_config.pad_token_id = text.pad_token_id
+    model.generation_config.eos_token_id = text.eos_token_id
+    printable_only(model, text.vocab_size, text.eos_token_id)
+    return model, tiny_processor(family)
