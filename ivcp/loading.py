@@ -6,7 +6,8 @@ import importlib.util
 
 import torch
 
-TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:llava", "tiny:grounder")
+TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:llava", "tiny:internvl", "tiny:internvl_llama",
+              "tiny:grounder")
 
 
 def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: str | None = None,
@@ -39,7 +40,8 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
             family = spec.split(":", 1)[1] if ":" in spec else "qwen2_5_vl"
             model, _ = tiny_model(family, attn_implementation=attn)
         bounds = [v for v in (pixels or ()) if v is not None]
-        processor = tiny_processor(family, *bounds) if len(bounds) == 2 and family != "llava" else tiny_processor(family)
+        with_bounds = len(bounds) == 2 and family.startswith("qwen")
+        processor = tiny_processor(family, *bounds) if with_bounds else tiny_processor(family)
         return model.to(device), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

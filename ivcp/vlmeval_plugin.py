@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, load
+from vlmeval.vlm.internvl.internvl_chat import InternVLChat
+from vlmeval.vlm.internvl.utils import reorganize_prompt
 from vlmeval.vlm.llava.llava import LLaVA
 from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
 from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
@@ -293,7 +295,77 @@ class IVCPLlava(IVCPModelMixin, LLaVA):
         return int((input_ids == self.model.config.image_token_id).sum())
 
 
-FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "qwen3_vl": IVCPQwen3VL, "llava": IVCPLlava}
+# The InternVL2.5 / 3 chat template's system message (their ``internvl2_5`` template, which the remote
+# code's chat() always adds and the native chat template does not).
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+class IVCPInternVL(IVCPModelMixin, InternVLChat):
+    """An InternVL 2.5 / 3 model on the native transformers class (``scripts/convert_internvl.py`` turns an
+    InternVL2.5 remote-code checkpoint into it) run through ``ivcp.prune``, with the authors' inputs.
+
+    Subclasses VLMEvalKit's ``InternVLChat`` for its prompts (``use_custom_prompt`` / ``build_prompt``,
+    which the authors' ``InternVLChatIVCP`` keeps) and its tile budget per dataset (``set_max_num``: 6
+    for every benchmark of the paper); the text is the remote code's chat(): the ``internvl2_5`` system
+    message, one user turn with ``reorganize_prompt``'s ``<image>\n`` placement, each image expanded to
+    ``<img>`` + 256 ``<IMG_CONTEXT>`` per tile + ``</img>`` by the processor (PIL tiling: pixel-identical
+    to VLMEvalKit's ``load_image``); greedy, max_new_tokens 4096. The images' sizes go to the model so
+    the tiles' layout is known (the authors' thumbnail mapping needs it).
+    """
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+
+    def __init__(self, model_path: str, name: str, family: str = "internvl", method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", generation: dict | None = None,
+                 dtype: str = "bfloat16", **kwargs):
+        from vlmeval.vlm.base import BaseModel
+
+        from .loading import load_model
+
+        BaseModel.__init__(self)  # not InternVLChat.__init__: it loads the remote code
+        self.family, self.model_path, self.version = family, model_path, "V2.0"
+        self._use_custom_prompt, self.use_mpo_prompt, self.use_cot, self.screen_parse = True, False, False, False
+        self.system_prompt, self.kwargs, self.max_num, self.total_max_num = INTERNVL_SYSTEM, {}, 6, 64
+        if model_path.startswith("tiny"):
+            self.model, self.processor = load_model(model_path)
+        else:
+            self.model, self.processor = _load_checkpoint(model_path, dtype, backend="pil")
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
+
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return InternVLChat.use_custom_prompt(self, dataset)
+
+    def authors_prompt(self, line, dataset: str):
+        return InternVLChat.build_prompt(self, line, dataset)
+
+    def model_inputs(self, message, dataset=None):
+        from PIL import Image
+
+        self.set_max_num(dataset)
+        paths = [m["value"] for m in message if m["type"] == "image"]
+        max_num = max(1, min(self.max_num, self.total_max_num // max(1, len(paths))))
+        prompt = reorganize_prompt(message, len(paths), dataset=dataset)
+        text = (f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+        self.last_prompt_text = text
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = dict(self.processor(text=text.replace("<image>", self.processor.image_token), images=images or None,
+                                     max_patches=max_num, return_tensors="pt"))
+        if images:
+            inputs["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        return inputs, inputs["input_ids"].shape[1]
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.processor.batch_decode(tokens[None], skip_special_tokens=True)[0].strip()
+
+    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
+        return int((input_ids == self.model.config.image_token_id).sum())
+
+
+FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "qwen3_vl": IVCPQwen3VL, "llava": IVCPLlava,
+                   "internvl": IVCPInternVL}
 
 
 def model_registry() -> dict:
@@ -419,4 +491,4 @@ def register() -> list[str]:
     return list(models)
 
 
-__all__ = ["IVCPGrounding", "IVCPLlava", "IVCPModelMixin", "IVCPQwen3VL", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]
+__all__ = ["IVCPGrounding", "IVCPInternVL", "IVCPLlava", "IVCPModelMixin", "IVCPQwen3VL", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]

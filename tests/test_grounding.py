@@ -24,6 +24,10 @@ def test_the_authors_metric_by_hand():
                  '{"bbox_2d": [-1, 3, 40, 50]}'):
         assert paper_prediction(text, "qwen2_5_vl") == (0, 0, 0, 0), text
     assert paper_prediction("<|box_start|>(100,250),(500,750)<|box_end|>", "qwen2_vl") == (0.1, 0.25, 0.5, 0.75)
+    # InternVL: [[x1, y1, x2, y2]] floats, divided by 1000 when they sum to 4 or more (the authors' rule)
+    assert paper_prediction("<ref>cat</ref><box>[[100, 250, 500, 750]]</box>", "internvl") == (0.1, 0.25, 0.5, 0.75)
+    assert paper_prediction("[[0.1, 0.2, 0.3, 0.4]]", "internvl") == (0.1, 0.2, 0.3, 0.4)
+    assert paper_prediction("no box", "internvl") == (0, 0, 0, 0)
     assert paper_frame(300, 200) == (308, 196)  # round(300/28) = 11, round(200/28) = 7
     # normalised (all <= 1.1) predictions are scaled by the TSV's width and height: [0.1, 0.25, 0.5, 0.75]
     # on 300 x 200 -> [30, 50, 150, 150]; against [30, 50, 150, 110]: 120*60 / (120*100) = 0.6

@@ -184,6 +184,38 @@ def test_qwen3_prompts_follow_vlmevalkits_qwen3_wrapper(table2, tmp_path):
     assert _received(model, table2["POPE"], table2["POPE"].data.iloc[0], "POPE")[1].startswith("<|im_start|>user\n")
 
 
+def test_internvl_prompts_are_the_authors(table2, lmudata):
+    """The authors' InternVLChatIVCP: VLMEvalKit's InternVLChat prompts, the remote code's chat() text with
+    the internvl2_5 system message (written out here), tiles within 6."""
+    from vlmeval.dataset import build_dataset
+
+    system = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    question = "What colour is the largest shape?"
+    expected = {
+        "MMStar": f"Shapes are drawn on a gradient.\n{question}\nA. red\nB. blue\nC. green\nD. yellow\n"
+                  "Answer with the option's letter from the given choices directly.",
+        "MME": f"{question} Answer the question using a single word or phrase.",
+        "POPE": question,
+        "HallusionBench": f"{question} Please answer yes or no. Answer the question using a single word or phrase.",
+        "TextVQA_VAL": f"{question}\nAnswer the question using a single word or phrase.",
+    }
+    model = _wrapper("InternVL2_5-8B_IVCPAuthors", generation={"max_new_tokens": 1, "do_sample": False,
+                                                               "repetition_penalty": 1.0})
+    assert model.method_params["foreground_source"] == "thumbnail"
+    for name, text in expected.items():
+        _, received = _received(model, table2[name], table2[name].data.iloc[0], name)
+        assert received == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n"
+                            "<|im_start|>assistant\n"), name
+    # 300 x 200 picture: 3 x 2 tiles (aspect 1.5) + the thumbnail, 16 tokens each on the tiny model
+    assert stats.read(model.name, "POPE")["7"]["n_visual"] == 7 * 16
+    grounding = build_dataset("RefCOCO_val")
+    line = grounding.data.iloc[0].copy()
+    line["question"] = "the red circle"
+    _, received = _received(model, grounding, line, "RefCOCO_val")
+    assert "user\n<image>\nPlease provide the bounding box coordinate of the region this sentence describes: " \
+           "<ref>the red circle</ref><|im_end|>" in received
+
+
 def test_llava_prompts_are_the_authors_vicuna_text(table2):
     """The authors' LLaVAIVCP: VLMEvalKit's LLaVA prompts, "system USER: <content> ASSISTANT: " with
     each image as " <image> " (written out here from PROTOCOL.md, not taken from any code)."""

@@ -37,7 +37,8 @@ from ..adapters.qwen2_5_vl import smart_resize  # noqa: F401  (re-exported: the 
 GROUNDING_SPLITS = ("RefCOCO_testA", "RefCOCO_testB", "RefCOCO_val", "RefCOCO+_testA", "RefCOCO+_testB",
                     "RefCOCO+_val", "RefCOCOg_test", "RefCOCOg_val")
 BOX_CONVENTIONS = ("resized_pixels", "norm1000")
-FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000"}
+FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000",
+                     "internvl": "norm1000"}
 
 # The authors' grounding prompts (their Qwen2VLPromptMixin._build_vg_prompt), the text after the image:
 # Qwen2.5-VL asks for JSON; Qwen2-VL uses its object-reference tokens (the authors also cut the
@@ -47,6 +48,8 @@ GROUNDING_PROMPTS = {
     "qwen2_vl": "\n<|object_ref_start|>Detect {expression}<|object_ref_end|>",
     # not in the paper: Qwen2.5-VL's prompt; Qwen3-VL answers "bbox_2d" relative to 1000
     "qwen3_vl": "\nLocate {expression} and output the bbox coordinates in JSON format.",
+    # the authors' InternVL grounding (internvl_chat_ivcp / internvl_chat_grounding): [[x1, y1, x2, y2]] in 0–1000
+    "internvl": "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>",
 }
 
 
@@ -155,6 +158,7 @@ def grounding_scores(rows, threshold: float = 0.5) -> dict[str, dict[str, float]
 
 _PAPER_QWEN25 = re.compile(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]')
 _PAPER_QWEN2 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
+_PAPER_INTERNVL = re.compile(r"\[*\[(.*?),(.*?),(.*?),(.*?)\]\]*")
 PAPER_PATCH = 28  # the authors' TSVs: boxes in the round(h / 28) * 28 x round(w / 28) * 28 frame
 
 
@@ -165,6 +169,15 @@ def paper_prediction(text: str, family: str) -> tuple[float, float, float, float
     if family == "qwen2_vl":
         match = _PAPER_QWEN2.search(text or "")
         return tuple(int(v) / 1000.0 for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
+    if family == "internvl":  # their extract_and_normalize_coordinates: floats, / 1000 when they sum to >= 4
+        match = _PAPER_INTERNVL.search(text or "")
+        try:
+            values = tuple(float(v) for v in match.groups()) if match else None
+        except ValueError:
+            values = None
+        if values is None:
+            return (0.0, 0.0, 0.0, 0.0)
+        return tuple(v / 1000.0 for v in values) if sum(values) >= 4 else values
     match = _PAPER_QWEN25.search(text or "")
     if match is None:
         return (0.0, 0.0, 0.0, 0.0)

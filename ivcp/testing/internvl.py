@@ -51,11 +51,12 @@ class TinyInternVLProcessor:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                                   **kwargs)
 
-    def __call__(self, text, images=None, return_tensors: str = "pt", **kwargs) -> dict:
+    def __call__(self, text, images=None, return_tensors: str = "pt", max_patches: int | None = None, **kwargs) -> dict:
         texts = [text] if isinstance(text, str) else list(text)
         data: dict = {}
         if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
+            extra = {} if max_patches is None else {"max_patches": max_patches}
+            vision = self.image_processor(images=images, return_tensors="pt", **extra)
             data["pixel_values"] = vision["pixel_values"]
             data["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
             tiles = iter(vision["num_patches"].tolist() if torch.is_tensor(vision["num_patches"]) else vision["num_patches"])
