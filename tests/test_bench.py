@@ -110,6 +110,7 @@ def test_cli_bench_runs_and_rejects_bad_input(tmp_path, capsys):
     ("llava_1_5_7b", 6.9e9, 7.2e9, 32),  # LLaVA-1.5-7B: 7.06 B
     ("qwen3_vl_8b", 8.7e9, 8.85e9, 36),  # Qwen3-VL-8B: 8.77 B
     ("qwen3_vl_30b_a3b", 30.9e9, 31.2e9, 48),  # Qwen3-VL-30B-A3B: 31.07 B in all
+    ("internvl2_5_8b", 8.0e9, 8.2e9, 32),  # InternVL2.5-8B: 8.08 B
 ])
 def test_bundled_architectures_build_on_meta(name, low, high, layers):
     # the layouts build without memory on the meta device, with the public sizes
@@ -155,3 +156,15 @@ def test_qwen3_synthetic_inputs_and_vision_flops():
     per_block = 2 * 140 * 4 * 32 * 32 + 2 * 2 * 140 * 32 * 64 + 4 * 32 * 140 ** 2
     merger = 2 * 35 * (128 * 128 + 128 * v.out_hidden_size)
     assert ivcp.adapters.adapter_for(model).vision_flops(inputs) == 3 * per_block + 4 * merger
+
+
+def test_internvl_synthetic_inputs_tile_like_the_processor():
+    model, _ = get_model("internvl")
+    inputs = bench.synthetic_inputs(model, (90, 200), prompt_tokens=4, system_tokens=3)
+    assert tuple(inputs["pixel_values"].shape) == (3, 3, 64, 64)  # 2 x 1 tiles + the thumbnail
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 48
+    segments = ivcp.adapters.adapter_for(model).segments(inputs["input_ids"][0], image_sizes=inputs["image_sizes"])
+    assert [s.layout for s in segments] == [(1, 2)] * 3
+    v = model.config.vision_config  # 3 tiles of 64 patches + CLS, width 32, MLP 64, 3 blocks; projector 16 tokens
+    expected = 3 * (analytic.vit_flops(65, 32, 64, 3) + 2 * 16 * (4 * 32 * 64 + 64 * 64))
+    assert ivcp.adapters.adapter_for(model).vision_flops(inputs) == expected

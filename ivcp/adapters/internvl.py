@@ -148,6 +148,37 @@ class InternVLAdapter(ModelAdapter):
                                         thumbnail=parts > 1 and part == parts - 1, layout=layout))
         return segments
 
+    def _vision_size(self, name: str) -> int:
+        value = getattr(self.model.config.vision_config, name)  # an int, or (height, width)
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    # --- the benchmark -----------------------------------------------------------------------
+    def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
+                         generator: torch.Generator) -> dict:
+        """One image of ``image_size`` (H, W) tiled as InternVL's processor does (6 tiles at most, the
+        paper's benchmarks) + its thumbnail."""
+        side = self._vision_size("image_size")
+        cols, rows = tile_grid(*image_size, 1, 6, side)
+        tiles = cols * rows + (cols * rows > 1)
+        context = self.model.config.image_token_id
+        input_ids = torch.cat([text_before, torch.tensor([context - 2]),
+                               torch.full((tiles * self.tokens_per_tile,), context), torch.tensor([context - 1]),
+                               text_after])[None]
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": torch.randn(tiles, 3, side, side, generator=generator),
+                "image_sizes": torch.tensor([list(image_size)])}
+
+    def vision_flops(self, inputs: dict) -> int:
+        """InternViT over every tile (CLS included) + the projector on the pixel-shuffled tokens."""
+        from ..analytic import vit_flops
+
+        v = self.model.config.vision_config
+        patches = (self._vision_size("image_size") // self._vision_size("patch_size")) ** 2
+        hidden = self._text_config.hidden_size
+        projector = 2 * self.tokens_per_tile * (4 * v.hidden_size * hidden + hidden * hidden)
+        tiles = int(inputs["pixel_values"].shape[0])
+        return tiles * (vit_flops(patches + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
+
     # --- the vision tower (InternViT) ---------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:
