@@ -88,44 +88,56 @@ class ModelAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    # --- where things are -------------------------------------------------------------------
+    # --- where things are ---------------------------------------------------------------------
+    # The defaults follow the layout transformers' vision-language models share: ``model.model`` (the
+    # multimodal model) holds ``language_model`` (the decoder stack) with ``layers``, each with
+    # ``self_attn`` (q/k/v/o projections) and ``input_layernorm``; the text settings in
+    # ``config.text_config``. A family overrides what differs.
     @property
     def multimodal_model(self) -> nn.Module:
-        """The module whose forward receives input_ids, the vision grids and the past cache."""
-        raise NotImplementedError
+        """The module whose forward receives input_ids, the vision inputs and the past cache."""
+        return self.model.model
 
     @property
     def text_model(self) -> nn.Module:
         """The decoder stack; its forward receives the position ids."""
-        raise NotImplementedError
+        return self.model.model.language_model
 
     @property
     def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.text_model.layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
         """The attention module of a decoder layer (with q_proj, k_proj, v_proj)."""
-        raise NotImplementedError
+        return layer.self_attn
 
     def input_norm(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return layer.input_layernorm
 
     # --- shapes and rotary ------------------------------------------------------------------
     @property
+    def _text_config(self):
+        return getattr(self.model.config, "text_config", self.model.config)
+
+    @property
     def num_heads(self) -> int:
-        raise NotImplementedError
+        return self._text_config.num_attention_heads
 
     @property
     def num_kv_heads(self) -> int:
-        raise NotImplementedError
+        return self._text_config.num_key_value_heads
 
     @property
     def head_dim(self) -> int:
-        raise NotImplementedError
+        cfg = self._text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     @property
     def rope(self) -> RopeSpec:
-        raise NotImplementedError
+        """1-D RoPE from the text config (M-RoPE families override)."""
+        params = getattr(self._text_config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta", getattr(self._text_config, "rope_theta", 10000.0))
+        return RopeSpec(theta=float(theta), head_dim=self.head_dim)
 
     @property
     def position_rows(self) -> int:
@@ -156,8 +168,9 @@ class ModelAdapter:
         return NotImplementedError(f"{type(self).__name__} has no {feature}; the method needs it")
 
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) the decoder would use for ``position_ids`` (rows, B, T)."""
-        raise self._lacks("rotary recomputation")
+        """(cos, sin) the decoder would use for ``position_ids`` (rows, B, T): its rotary module, fed
+        the 2-D ids of 1-D RoPE or the rows of M-RoPE."""
+        return self.text_model.rotary_emb(hidden, position_ids[0] if self.position_rows == 1 else position_ids)
 
     # --- the vision tower (for methods that act before the LLM) -----------------------------
     @property
@@ -227,8 +240,11 @@ class ModelAdapter:
 
     @property
     def turn_end_token_ids(self) -> frozenset[int]:
-        """Tokens that close a chat turn (to skip the system prompt when text before an image is used)."""
-        return frozenset()
+        """Tokens that close a chat turn (to skip the system prompt when text before an image is used):
+        the end-of-sequence tokens of chat checkpoints."""
+        eos = getattr(self.model.config, "eos_token_id", None) or getattr(self._text_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return frozenset(eos)
 
 
 def mean_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -51,49 +51,6 @@ class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
 
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.text_model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    @property
-    def _text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_heads(self) -> int:
-        return self._text_config.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self._text_config.num_key_value_heads
-
-    @property
-    def head_dim(self) -> int:
-        cfg = self._text_config
-        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    @property
-    def rope(self) -> RopeSpec:
-        params = getattr(self._text_config, "rope_parameters", None) or {}
-        return RopeSpec(theta=float(params.get("rope_theta", 10000.0)), head_dim=self.head_dim)
-
-    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_model.rotary_emb(hidden, position_ids[0])
-
     # --- the prompt ---------------------------------------------------------------------------
     @property
     def tokens_per_tile(self) -> int:
@@ -110,12 +67,6 @@ class InternVLAdapter(ModelAdapter):
     def marker_token_ids(self) -> frozenset[int]:
         context = self.model.config.image_token_id
         return frozenset({context, context - 2, context - 1})  # <IMG_CONTEXT>, <img>, </img>
-
-    @property
-    def turn_end_token_ids(self) -> frozenset[int]:
-        eos = getattr(self._text_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return frozenset(eos)
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
                  position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:

@@ -21,50 +21,6 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
 
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.text_model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    @property
-    def _text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_heads(self) -> int:
-        return self._text_config.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self._text_config.num_key_value_heads
-
-    @property
-    def head_dim(self) -> int:
-        cfg = self._text_config
-        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    @property
-    def rope(self) -> RopeSpec:
-        params = getattr(self._text_config, "rope_parameters", None) or {}
-        theta = params.get("rope_theta", getattr(self._text_config, "rope_theta", 10000.0))
-        return RopeSpec(theta=float(theta), head_dim=self.head_dim)
-
-    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_model.rotary_emb(hidden, position_ids[0])
-
     # --- the image grid ---------------------------------------------------------------------------
     @property
     def grid_side(self) -> int:
@@ -118,12 +74,6 @@ class LlavaAdapter(ModelAdapter):
         tokens = self.grid_side ** 2
         projector = 2 * tokens * (v.hidden_size * text_hidden + text_hidden * text_hidden)
         return images * (vit_flops(tokens + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
-
-    @property
-    def turn_end_token_ids(self) -> frozenset[int]:
-        eos = getattr(self._text_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return frozenset(eos)
 
     # --- the vision tower (CLIP) ------------------------------------------------------------------
     @property

@@ -44,48 +44,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     model_types = ("qwen2_5_vl",)
 
     @property
-    def multimodal_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.text_model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    @property
-    def _text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_heads(self) -> int:
-        return self._text_config.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self._text_config.num_key_value_heads
-
-    @property
-    def head_dim(self) -> int:
-        cfg = self._text_config
-        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    @property
     def rope(self) -> RopeSpec:
         params = self._text_config.rope_parameters
         section = params.get("mrope_section") or [16, 24, 24]
         return RopeSpec(theta=float(params["rope_theta"]), head_dim=self.head_dim, mrope_section=tuple(section))
-
-    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_model.rotary_emb(hidden, position_ids)
 
     # --- vision tower -------------------------------------------------------------------------
     @property
@@ -163,13 +125,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         cfg = self.model.config
         ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
         return frozenset(i for i in ids if i is not None)
-
-    @property
-    def turn_end_token_ids(self) -> frozenset[int]:
-        # Qwen chat checkpoints use <|im_end|> as their eos token: it closes each chat turn.
-        eos = getattr(self.model.config, "eos_token_id", None) or getattr(self._text_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return frozenset(eos)
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                  video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,

@@ -30,11 +30,6 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
     @property
-    def head_dim(self) -> int:
-        cfg = self._text_config
-        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    @property
     def rope(self) -> RopeSpec:
         params = self._text_config.rope_parameters
         section = params.get("mrope_section") or [24, 20, 20]
