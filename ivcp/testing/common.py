@@ -31,3 +31,17 @@ def printable_only(model, vocab_size: int, eos_token_id: int) -> None:
     printable ASCII (byte token id = byte value) and its end token only."""
     allowed = set(range(32, 127)) | {eos_token_id}
     model.generation_config.suppress_tokens = [i for i in range(vocab_size) if i not in allowed]
+
+
+def build_tiny(model_class, config, seed: int, dtype: torch.dtype):
+    """A tiny random model of ``model_class``: seeded, widened init, eval mode, generating printable
+    ASCII and its end token only."""
+    with seeded(seed):
+        model = model_class(config)
+        widen_init(model)
+    model = model.to(dtype).eval()
+    text = getattr(config, "text_config", config)
+    model.generation_config.pad_token_id = text.pad_token_id
+    model.generation_config.eos_token_id = text.eos_token_id
+    printable_only(model, text.vocab_size, text.eos_token_id)
+    return model

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .common import printable_only, seeded, widen_init
+from .common import build_tiny
 from .tokenizer import byte_tokenizer
 
 FAMILIES = ("internvl", "internvl_llama")
@@ -115,12 +115,5 @@ def tiny_model(family: str = "internvl", seed: int = 0, dtype: torch.dtype = tor
     from transformers import InternVLForConditionalGeneration
 
     config = tiny_config(family, **overrides)
-    with seeded(seed):
-        model = InternVLForConditionalGeneration(config)
-        widen_init(model)
-    model = model.to(dtype).eval()
-    text = config.text_config
-    model.generation_config.pad_token_id = text.pad_token_id
-    model.generation_config.eos_token_id = text.eos_token_id
-    printable_only(model, text.vocab_size, text.eos_token_id)
+    model = build_tiny(InternVLForConditionalGeneration, config, seed, dtype)
     return model, tiny_processor(family)

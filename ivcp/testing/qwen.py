@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .common import printable_only, seeded, widen_init
+from .common import build_tiny
 from .tokenizer import byte_tokenizer
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
@@ -174,13 +174,7 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
     else:
         from transformers import Qwen2VLForConditionalGeneration as Model
-    with seeded(seed):
-        model = Model(config)
-        widen_init(model)
-    model = model.to(dtype).eval()
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    printable_only(model, config.text_config.vocab_size, config.text_config.eos_token_id)
+    model = build_tiny(Model, config, seed, dtype)
     return model, tiny_processor(family)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .common import printable_only, seeded, widen_init
+from .common import build_tiny
 from .qwen import SPECIAL_TOKENS, TinyProcessor
 from .tokenizer import byte_tokenizer
 
@@ -76,12 +76,5 @@ def tiny_model(family: str = "qwen3_vl", seed: int = 0, dtype: torch.dtype = tor
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     config = tiny_config(family, **overrides)
-    with seeded(seed):
-        model = Model(config)
-        widen_init(model)
-    model = model.to(dtype).eval()
-    text = config.text_config
-    model.generation_config.pad_token_id = text.pad_token_id
-    model.generation_config.eos_token_id = text.eos_token_id
-    printable_only(model, text.vocab_size, text.eos_token_id)
+    model = build_tiny(Model, config, seed, dtype)
     return model, tiny_processor(family)
