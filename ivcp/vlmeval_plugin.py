@@ -135,16 +135,21 @@ def _load_checkpoint(path: str, dtype: str = "bfloat16", **processor_kwargs):
 
 
 class _QwenFamily:
-    """What the Qwen-VL wrappers share: the fields VLMEvalKit's Qwen chat classes read, loading, and
-    reading the answer (mixed in before ``Qwen2VLChat`` / ``Qwen3VLChat``)."""
+    """What the Qwen-VL wrappers share: construction (VLMEvalKit's prompt mixin ``PROMPTS`` of the
+    family, the fields its Qwen chat classes read, loading), the authors' prompts and reading the
+    answer (mixed in before ``Qwen2VLChat`` / ``Qwen3VLChat``)."""
 
     INSTALL_REQ = False
     INTERLEAVE = True
     VIDEO_LLM = False
+    PROMPTS: type  # the family's VLMEvalKit prompt mixin
 
-    def _setup_qwen(self, model_path: str, family: str, min_pixels, max_pixels, dtype: str) -> None:
+    def __init__(self, model_path: str, name: str, family: str, method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
+                 max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
         from .loading import load_model
 
+        self.PROMPTS.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
         self.family, self.model_path = family, model_path
         self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, None
         self.system_prompt, self.verbose, self.post_process = None, False, False  # no system prompt passed
@@ -154,6 +159,18 @@ class _QwenFamily:
             self.model, self.processor = load_model(model_path, pixels=(min_pixels, max_pixels))
         else:
             self.model, self.processor = _load_checkpoint(model_path, dtype)  # the processor's own defaults
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
+
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return self.PROMPTS.use_custom_prompt(self, dataset)
+
+    def authors_prompt(self, line, dataset: str):
+        return self.PROMPTS.build_prompt(self, line, dataset)
+
+    def _on_device(self, inputs, text) -> tuple[dict, int]:
+        self.last_prompt_text = text[0] if isinstance(text, list) else text
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+        return inputs, inputs["input_ids"].shape[1]
 
     def decode(self, tokens: torch.Tensor) -> str:
         return self.processor.batch_decode(tokens[None], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
@@ -172,18 +189,7 @@ class IVCPQwenVL(_QwenFamily, IVCPModelMixin, Qwen2VLChat):
     harness's generation settings, statistics). Runs on CPU when there is no GPU.
     """
 
-    def __init__(self, model_path: str, name: str, family: str, method: str | None = None,
-                 method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
-                 max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
-        Qwen2VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
-        self._setup_qwen(model_path, family, min_pixels, max_pixels, dtype)
-        self._setup_run(name, method, method_params or {}, protocol, generation or {})
-
-    def authors_prompt_applies(self, dataset: str) -> bool:
-        return Qwen2VLPromptMixin.use_custom_prompt(self, dataset)
-
-    def authors_prompt(self, line, dataset: str):
-        return Qwen2VLPromptMixin.build_prompt(self, line, dataset)
+    PROMPTS = Qwen2VLPromptMixin
 
     def model_inputs(self, message, dataset=None):
         """The authors' Qwen2VLChat input path: one user turn (no system prompt passed: the template
@@ -193,10 +199,8 @@ class IVCPQwenVL(_QwenFamily, IVCPModelMixin, Qwen2VLChat):
         messages = [{"role": "user", "content": self._prepare_content(message, dataset=dataset)}]
         text = self.processor.apply_chat_template([messages], tokenize=False, add_generation_prompt=True)
         images, videos = process_vision_info([messages])
-        inputs = self.processor(text=text, images=images, videos=videos, padding=True, return_tensors="pt")
-        self.last_prompt_text = text[0] if isinstance(text, list) else text
-        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
-        return inputs, inputs["input_ids"].shape[1]
+        return self._on_device(self.processor(text=text, images=images, videos=videos, padding=True,
+                                              return_tensors="pt"), text)
 
 
 class IVCPQwen3VL(_QwenFamily, IVCPModelMixin, Qwen3VLChat):
@@ -210,18 +214,7 @@ class IVCPQwen3VL(_QwenFamily, IVCPModelMixin, Qwen3VLChat):
     the processor without resizing. Generation as every harness model (greedy, no repetition penalty).
     """
 
-    def __init__(self, model_path: str, name: str, family: str = "qwen3_vl", method: str | None = None,
-                 method_params: dict | None = None, protocol: str = "authors", min_pixels: int | None = None,
-                 max_pixels: int | None = None, generation: dict | None = None, dtype: str = "bfloat16", **kwargs):
-        Qwen3VLPromptMixin.__init__(self, use_custom_prompt=True)  # BaseModel's init too; no checkpoint loading
-        self._setup_qwen(model_path, family, min_pixels, max_pixels, dtype)
-        self._setup_run(name, method, method_params or {}, protocol, generation or {})
-
-    def authors_prompt_applies(self, dataset: str) -> bool:
-        return Qwen3VLPromptMixin.use_custom_prompt(self, dataset)
-
-    def authors_prompt(self, line, dataset: str):
-        return Qwen3VLPromptMixin.build_prompt(self, line, dataset)
+    PROMPTS = Qwen3VLPromptMixin
 
     def model_inputs(self, message, dataset=None):
         from qwen_vl_utils import process_vision_info
@@ -229,10 +222,8 @@ class IVCPQwen3VL(_QwenFamily, IVCPModelMixin, Qwen3VLChat):
         messages = [{"role": "user", "content": self._prepare_content(message, dataset=dataset)}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images, videos = process_vision_info(messages, image_patch_size=16)
-        inputs = self.processor(text=text, images=images, videos=videos, do_resize=False, return_tensors="pt")
-        self.last_prompt_text = text
-        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
-        return inputs, inputs["input_ids"].shape[1]
+        return self._on_device(self.processor(text=text, images=images, videos=videos, do_resize=False,
+                                              return_tensors="pt"), text)
 
 
 # The authors' (and VLMEvalKit's) Vicuna-v1 system prompt of their LLaVA wrapper; note the final space.
