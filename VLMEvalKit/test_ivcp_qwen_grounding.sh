@@ -21,7 +21,7 @@ if [ -z "${LMUData:-}" ]; then
   export LMUData="$WORK/lmudata"
   echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny grounder)"
   if [ ! -f "$LMUData/RefCOCO.tsv" ]; then
-    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-25}" > /dev/null
+    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-10}" > /dev/null
   fi
   MODELS=${MODELS:-Qwen2.5-VL-TinyGrounder}
   METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}

@@ -43,11 +43,15 @@ def configurations(methods: list[str], keep_ratios: list[float], layers: list[in
     """(method, parameters) of the sweep. Methods with a keep ratio and one selection layer: every
     ratio × layer; PDrop: its three stages at layers 1, 2, 3 with λ = ratio at each; VScan: encoder
     keep = ratio, its LLM stage (keep 0.67) at each layer; drop_ivc: each layer; ivc_union: FastV's
-    keep ratio × layer with the IVC tokens added."""
+    keep ratio × layer with the IVC tokens added; ``ivc_prune_no_ivc``: IVC-Prune without its IVC tokens
+    (``pattern="none"``, the paper's Tab. 4 ablation)."""
     out: list[tuple[str, dict]] = []
     for method in methods:
         if method == "vanilla":
             out.append((method, {}))
+        elif method == "ivc_prune_no_ivc":
+            out += [("ivc_prune", {"pattern": "none", "keep_ratio": r, "selection_layer": k})
+                    for r in keep_ratios for k in layers]
         elif method == "pdrop":
             out += [(method, {"stage_layers": (1, 2, 3), "stage_ratios": (r, r, r)}) for r in keep_ratios]
         elif method == "vscan":
@@ -65,8 +69,7 @@ def configurations(methods: list[str], keep_ratios: list[float], layers: list[in
 
 def held_out(processor, n: int, seed: int) -> list[dict]:
     """Samples with their processed inputs (made once, reused by every configuration)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_tiny_grounder import prompt_text
+    from ivcp.testing.grounder import prompt_text
 
     rng = random.Random(seed)
     samples = []
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/tiny-grounder")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    parser.add_argument("--methods", default="vanilla," + ",".join(ivcp.available_methods()))
+    parser.add_argument("--methods", default="vanilla," + ",".join(ivcp.available_methods()) + ",ivc_prune_no_ivc")
     parser.add_argument("--keep-ratios", default="0.25,0.5,0.75")
     parser.add_argument("--layers", default="1,2,3", help="selection layers K (0-based first pruned layer)")
     parser.add_argument("--checkpoint", default=str(GROUNDER_DIR))
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m != "vanilla" and m not in ivcp.available_methods()]
+    unknown = [m for m in methods if m not in ("vanilla", "ivc_prune_no_ivc") and m not in ivcp.available_methods()]
     if unknown:
         print(f"tiny_grounder_results: unknown method(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -201,7 +204,8 @@ def main(argv=None) -> int:
                                                    if "stage_ratios" in params else
                                                    params.get("base_params", {}).get("keep_ratio", "")))
         layer = params.get("selection_layer", params.get("base_params", {}).get("selection_layer", ""))
-        row = {"method": method, "keep_ratio": "" if keep is None else keep, "selection_layer": layer,
+        label = "ivc_prune_no_ivc" if params.get("pattern") == "none" else method
+        row = {"method": label, "keep_ratio": "" if keep is None else keep, "selection_layer": layer,
                "params": str(params), **result, "params_key": key, "checkpoint": checkpoint_sha[:16]}
         row = {k: str(v) for k, v in row.items()}
         new_file = not table.is_file()

@@ -423,6 +423,8 @@ def test_embedded_default_grounding_script(tmp_path):
     assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "fastv", "pdrop", "vscan", "ivc_prune"]
     assert table[1].split("|")[2].strip() == "100%"
     assert table[-1].split("|")[2].strip() == "50%"
+    vanilla = [float(cell) for cell in table[1].split("|")[3:-2]]  # the trained grounder really grounds
+    assert len(vanilla) == 8 and sum(vanilla) / len(vanilla) >= 85.0, table[1]
     assert (tmp_path / "out/results/grounding_Qwen2.5-VL-TinyGrounder.md").is_file()
     assert (tmp_path / "out/results/grounding_Qwen2.5-VL-TinyGrounder_lenient.md").is_file()
 
