@@ -94,6 +94,11 @@ def build(args) -> tuple:
 
 
 def train(args) -> Path:
+    with torch.enable_grad():  # VLMEvalKit turns gradients off process-wide when it is imported
+        return _train(args)
+
+
+def _train(args) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,14 @@ from ivcp.testing import make_image, make_inputs, tiny_model
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_kept():
+    """Importing VLMEvalKit's models turns gradients off for the whole process; keep each test's start equal."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 @functools.lru_cache(maxsize=None)
 def _model(family: str, attn: str, layers: int | None = None):
     """The tiny model of a family (its own depth: 4 layers, Qwen3-VL 5) with ``attn`` attention."""
