@@ -35,6 +35,12 @@ from .methods import PruningMethod, make_method
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _cache_kwarg(kwargs: dict):
+    """The KV cache a forward received: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 @dataclass
 class PrefillRecord:
     """What the engine did in the last prefill (batch row 0)."""
@@ -387,7 +393,7 @@ class PruneSession:
     # --- hooks ------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         self._state, self._decoding = None, None
         has_pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
@@ -477,7 +483,7 @@ class PruneSession:
             if kwargs.get("position_embeddings") is None:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
             state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
-            state.cache = kwargs.get("past_key_values")
+            state.cache = _cache_kwarg(kwargs)
             state.rotary = tuple(kwargs["position_embeddings"])
             state.current_positions = state.position_ids
         if index in state.additions:
@@ -569,7 +575,8 @@ class PruneSession:
             return None
         self._vision_calls, self._vision_scores = [], {}
         n_layers = len(self.adapter.layers)
-        cache = getattr(output, "past_key_values", None)
+        cache = getattr(output, "cache", None)
+        cache = cache if cache is not None else getattr(output, "past_key_values", None)
         if cache is not None and len(cache.layers) == n_layers:
             kv_lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
         else:
