@@ -4,13 +4,15 @@
 model, the decoder stack and every decoder layer; plain ``model(**inputs)`` and
 ``model.generate(**inputs)`` then run pruned. Per prefill that holds visual tokens:
 
-1. the multimodal model's hook finds the visual segments (each image, each video frame);
+1. the multimodal model's hook finds the visual segments of every batch row (each image, each video frame);
 2. the decoder stack's hook records the rotary position ids of every token (original positions);
-3. before each selection layer K the method picks the visual tokens to keep from signals of layers
-   K−1 / K (value vectors, attention rows computed from q and the cached keys, never an attention
-   matrix); the engine slices the hidden states, rotary cos/sin and mask for layers ≥ K and, for
+3. before each selection layer K the method picks, row by row, the visual tokens to keep from signals of
+   layers K−1 / K (value vectors, attention rows computed from q and the cached keys, never an attention
+   matrix); the engine gathers the hidden states, rotary cos/sin and mask for layers ≥ K to each row's
+   kept tokens (rows left-padded to the longest, the padding masked: :mod:`ivcp.layout`) and, for
    methods that ask for it, cuts the KV cache of layers < K to the same tokens;
-4. decoding continues at the positions the unpruned model would use.
+4. decoding continues at the positions the unpruned model would use, each row from its own last one,
+   with every layer's decode mask cut to the entries its cache holds.
 
 On exit all hooks are removed; the model's parameters and buffers are never modified.
 """
@@ -18,10 +20,10 @@ On exit all hooks are removed; the model's parameters and buffers are never modi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from . import config as _config
 from .adapters import ModelAdapter, Segment, adapter_for
+from .layout import TokenLayout, causal_mask, decode_mask, gather_columns, hide_padding, masked_value
 from .methods import PruningMethod, make_method
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -43,19 +46,21 @@ def _cache_kwarg(kwargs: dict):
 
 @dataclass
 class PrefillRecord:
-    """What the engine did in the last prefill (batch row 0)."""
+    """What the engine did to one row of the last prefill. Token indices are positions in that row of
+    ``input_ids`` (a left-padded batch's pad tokens count: ``padding`` of them come first)."""
 
     segments: list[tuple[int, int]]
-    kept: torch.Tensor  # sorted input-sequence indices seen by layers ≥ the last selection layer
+    kept: torch.Tensor  # sorted input indices seen by layers ≥ the last selection layer (the row's pads excluded)
     n_visual: int
     n_visual_kept: int
-    kv_lengths: list[int]  # KV-cache length of every layer after prefill
+    kv_lengths: list[int]  # the row's KV-cache entries in every layer after prefill (padding excluded)
     seq_len: int
     stages: list[dict[str, Any]] = field(default_factory=list)  # per selection: layer, n_visual_kept, kept
     marks: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "ivc", "seed": input indices
     visual_kv_per_layer: list[int] = field(default_factory=list)  # visual tokens in each layer's KV
     selection_seconds: float = 0.0
     method: dict[str, Any] = field(default_factory=dict)
+    padding: int = 0  # pad tokens of this row in the batch's input_ids
 
     @property
     def visual_kv_share(self) -> float:
@@ -65,68 +70,161 @@ class PrefillRecord:
         return sum(self.visual_kv_per_layer) / (self.n_visual * len(self.visual_kv_per_layer))
 
 
+class BatchRecord(Sequence[PrefillRecord]):
+    """The last prefill: one :class:`PrefillRecord` per batch row (``session.last[b]``). With a batch of one,
+    the row's fields read directly (``session.last.kept``); with more rows, ask a row."""
+
+    def __init__(self, rows: list[PrefillRecord], cache_lengths: list[int], selection_seconds: float,
+                 method: dict[str, Any]):
+        self.rows = rows
+        self.cache_lengths = cache_lengths  # each layer's KV length as stored (rows padded to the longest)
+        self.selection_seconds = selection_seconds  # the whole batch's selection, engine mechanics included
+        self.method = method
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def visual_kv_share(self) -> float:
+        """Share of the batch's visual KV entries kept, over all rows and layers."""
+        total = sum(r.n_visual * len(r.visual_kv_per_layer) for r in self.rows)
+        return sum(sum(r.visual_kv_per_layer) for r in self.rows) / total if total else 1.0
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name == "rows":
+            raise AttributeError(name)
+        if len(self.rows) == 1:
+            return getattr(self.rows[0], name)
+        if hasattr(PrefillRecord, name) or name in PrefillRecord.__dataclass_fields__:
+            raise AttributeError(f"the last prefill had {len(self.rows)} rows: read {name} of one row, "
+                                 f"session.last[b].{name}")
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"BatchRecord({self.rows!r})"
+
+
 @dataclass
 class _CacheInfo:
-    """Kept with a pruned KV cache so decoding uses the unpruned model's positions."""
+    """Kept with a pruned KV cache so decoding sees each layer's entries right and uses the unpruned
+    model's positions. Decoding builds its mask for layer 0's entries; the other layers take their columns."""
 
-    dropped_layer0: int
-    rope_delta: torch.Tensor  # (B, 1): position of token i is i + delta after the prompt
-    rows: int
-    n_layer0: int  # prompt tokens in layer 0's cache
-    # per layer: which of layer 0's prompt entries it holds (None: the same as layer 0). A decode
-    # mask is built for layer 0's cache; layers holding fewer tokens take these columns of it.
-    columns: list[torch.Tensor | None]
+    seq_len: int  # the batch's prompt length
+    rope_delta: torch.Tensor  # (B, 1): after the prompt, position of token i is i + delta
+    rows: int  # rows of rotary position ids
+    layouts: list[TokenLayout]  # per layer: the prompt tokens its cache holds
+    columns: list[torch.Tensor | None]  # per layer: their columns in layer 0's layout (None: the same layout)
+    attn_implementation: str | None
 
-    def layer_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
-        cols = self.columns[layer]
+    @property
+    def n_layer0(self) -> int:
+        return self.layouts[0].width
+
+    def layer_mask(self, layer: int, mask, generated: int, queries: int, dtype: torch.dtype):
+        """The decode mask of ``layer``, whose cache holds its prompt entries then ``generated`` decode
+        entries, for ``queries`` new tokens, from the model's mask for layer 0's cache (None: plain causal)."""
+        cols, layout = self.columns[layer], self.layouts[layer]
         if cols is None:
             return mask
-        return torch.cat([mask[..., cols.to(mask.device)], mask[..., self.n_layer0:]], dim=-1)
+        if mask is None:
+            if not layout.padded:
+                return None
+            return decode_mask(layout.valid, generated, queries, self.attn_implementation, dtype)
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+            raise ValueError(f"ivcp cannot cut a decode mask of type {type(mask).__name__} to a pruned cache")
+        n0 = self.n_layer0
+        cols = cols.to(mask.device)
+        prompt = gather_columns(mask[..., :n0], cols, mask.dim() - 1)
+        if layout.padded:
+            valid = layout.valid.to(mask.device)
+            prompt = prompt & valid if mask.dim() == 2 else torch.where(valid[:, None, None, :], prompt,
+                                                                         masked_value(mask))
+        rest = mask[..., n0:]
+        if rest.shape[0] != prompt.shape[0]:
+            rest = rest.expand(prompt.shape[0], *rest.shape[1:])
+        return torch.cat([prompt, rest], dim=-1)
+
+    def prompt_mask(self, mask, past: int, queries: int):
+        """The 2-D padding mask the model should build layer 0's decode mask from: ``mask`` (B, prompt +
+        generated + queries, in the unpruned sequence's columns, or None) cut to layer 0's cache."""
+        layout = self.layouts[0]
+        generated = past - layout.width
+        if mask is None:
+            if not layout.padded:
+                return None
+            return torch.cat([layout.valid, torch.ones(layout.batch, generated + queries, dtype=torch.bool,
+                                                       device=layout.valid.device)], dim=1)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError(f"ivcp decodes on a pruned cache with a 2-D attention mask (or none), not "
+                             f"{type(mask).__name__} of {getattr(mask, 'dim', lambda: '?')()} dimensions")
+        expected = self.seq_len + generated + queries
+        if mask.shape[1] != expected:
+            raise ValueError(f"the attention mask covers {mask.shape[1]} tokens; on this pruned cache it must cover "
+                             f"the unpruned sequence: {self.seq_len} prompt + {generated} generated + {queries} new "
+                             f"= {expected}")
+        tokens, valid = layout.tokens.to(mask.device), layout.valid.to(mask.device)
+        prompt = mask[:, : self.seq_len].bool().gather(1, tokens) & valid
+        return torch.cat([prompt, mask[:, self.seq_len:].bool()], dim=1).to(mask.dtype)
 
 
 class _PrefillState:
-    def __init__(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes=None):
-        self.input_ids = input_ids
+    def __init__(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes=None,
+                 padding: torch.Tensor | None = None):
+        self.input_ids = input_ids  # (B, S)
         self.grids = (image_grid_thw, video_grid_thw)
         self.image_sizes = image_sizes
-        self.segments: list[Segment] = []
-        self.seq_len = input_ids.shape[1]
-        self.visual = torch.zeros(self.seq_len, dtype=torch.bool, device=input_ids.device)  # over the input
-        self.kept = torch.arange(self.seq_len, device=input_ids.device)
+        self.batch, self.seq_len = input_ids.shape
+        device = input_ids.device
+        self.padding = padding  # (B, S) True on the batch's pad tokens, or None
+        self.segments: list[list[Segment]] = [[] for _ in range(self.batch)]  # per row
+        self.visual = torch.zeros(self.batch, self.seq_len, dtype=torch.bool, device=device)
+        self.layout = TokenLayout.full(self.batch, self.seq_len, padding, device)  # what the current layers hold
+        self.initial_layout = self.layout
+        self.last_tokens = (self.seq_len - 1 - torch.flip(self.layout.valid, [1]).long().argmax(1)).tolist()
         self.position_ids: torch.Tensor | None = None  # (rows, B, S)
         self.originals: dict[str, Any] | None = None  # layer kwargs of the full sequence
-        self.layer_kwargs: dict[str, Any] | None = None  # the same, sliced to `kept`
-        self.layer_tokens: dict[int, torch.Tensor] = {}  # input indices each layer processed / caches
+        self.layer_kwargs: dict[str, Any] | None = None  # the same, for the current layout
+        self.layer_layouts: dict[int, TokenLayout] = {}  # the tokens each layer processed / caches
         self.hidden_inputs: dict[int, torch.Tensor] = {}
-        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current tokens
-        self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use
-        self.hidden_updates: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (input indices, features)
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current layout
+        self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use (rows, B, L)
+        self.hidden_updates: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, columns, values)
+        # layer → ((T, 2) [row, input index], (T, hidden) features) added to that layer's input
+        self.additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache = None
-        self.marks: dict[str, list[torch.Tensor]] = {}
-        self.stages: list[dict[str, Any]] = []
+        self.marks: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(self.batch)]
+        self.stages: list[list[dict[str, Any]]] = [[] for _ in range(self.batch)]
+        self.row_seconds = [0.0] * self.batch
         self.selection_seconds = 0.0
 
 
 class SelectionContext:
-    """A method's view of the prompt at a selection layer K. All token indices are positions in the
-    input sequence ("global"); tensors keep the batch dimension first."""
+    """A method's view of one prompt (one batch row) at a selection layer K. All token indices are
+    positions in that row of the input sequence ("global"); tensors keep a batch dimension of one first."""
 
-    def __init__(self, session: "PruneSession", state: _PrefillState, layer: int):
-        self._session, self._state, self.layer = session, state, layer
+    def __init__(self, session: "PruneSession", state: _PrefillState, layer: int, row: int = 0):
+        self._session, self._state, self.layer, self.row = session, state, layer, row
         self.stage = session.stage_layers.index(layer)  # 0 for the first selection, 1 for the next…
         self.rope = session.adapter.rope
+        self._alive = state.layout.row(row)
 
     # --- the prompt ---------------------------------------------------------------------------
     @property
     def segments(self) -> list[Segment]:
-        return self._state.segments
+        return self._state.segments[self.row]
 
     @property
     def units(self) -> list[list[Segment]]:
         """The segments grouped by image / frame (a tiled image's tiles and thumbnail together), in order."""
         groups: dict[tuple, list[Segment]] = {}
-        for seg in self._state.segments:
+        for seg in self.segments:
             groups.setdefault(seg.unit, []).append(seg)
         return list(groups.values())
 
@@ -136,29 +234,30 @@ class SelectionContext:
 
     @property
     def input_ids(self) -> torch.Tensor:
-        return self._state.input_ids
+        """(1, S) this row's input ids."""
+        return self._state.input_ids[self.row: self.row + 1]
 
     @property
     def last_token(self) -> int:
         """Index of the last prompt token (the one that generates)."""
-        return self._state.seq_len - 1
+        return self._state.last_tokens[self.row]
 
     @property
     def alive(self) -> torch.Tensor:
-        """Sorted indices of the tokens the layers before K processed."""
-        return self._state.kept
+        """Sorted indices of the tokens the layers before K processed (the row's pad tokens excluded)."""
+        return self._alive
 
     def visual_tokens(self, segment: Segment | None = None) -> torch.Tensor:
         """Sorted indices of the visual tokens still present (of one segment, or of all)."""
-        alive = self._state.kept
-        mask = self._state.visual[alive]
+        alive = self._alive
+        mask = self._state.visual[self.row, alive]
         if segment is not None:
             mask &= (alive >= segment.start) & (alive < segment.end)
         return alive[mask]
 
     def positions(self, segment: Segment) -> torch.Tensor:
         """Rotary position ids of a segment's tokens: (3, N) for M-RoPE, (N,) for 1-D RoPE."""
-        pos = self._state.position_ids[:, 0, segment.start: segment.end]
+        pos = self._state.position_ids[:, self.row, segment.start: segment.end]
         return pos[0] if pos.shape[0] == 1 else pos
 
     def text_queries(self, segment: Segment, offset: int = 0) -> torch.Tensor:
@@ -166,10 +265,10 @@ class SelectionContext:
         markup and other visual tokens excluded); if none, those before it in the same chat turn.
         ``offset`` k: only those from ``segment.end + k`` on (the authors' code starts at k = 2)."""
         state, adapter = self._state, self._session.adapter
-        ids = state.input_ids[0]
+        ids = state.input_ids[self.row]
         index = torch.arange(state.seq_len, device=ids.device)
         markers = torch.tensor(sorted(adapter.marker_token_ids), device=ids.device)
-        text = ~state.visual & ~torch.isin(ids, markers)
+        text = ~state.visual[self.row] & ~torch.isin(ids, markers) & state.initial_layout.valid[self.row]
         after = text & (index >= segment.end + offset)
         if after.any():
             return index[after]
@@ -185,20 +284,26 @@ class SelectionContext:
 
     def update_hidden(self, tokens, values: torch.Tensor) -> None:
         """Replace the hidden states of ``tokens`` (kept ones) before layer K, e.g. to merge dropped
-        tokens into them. ``values`` is (B, T, hidden)."""
-        self._state.hidden_updates.append((self._local(tokens), values))
+        tokens into them. ``values`` is (1, T, hidden)."""
+        self._state.hidden_updates.append((self.row, self._columns(tokens), values))
 
     def mark(self, name: str, tokens: torch.Tensor) -> None:
         """Record named token sets (e.g. "ivc", "seed") in ``session.last.marks``."""
-        self._state.marks.setdefault(name, []).append(tokens.detach().to(torch.long).flatten())
+        self._state.marks[self.row].setdefault(name, []).append(tokens.detach().to(torch.long).flatten())
 
     # --- signals from the model -------------------------------------------------------------
-    def _local(self, tokens) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens, device=self.device, dtype=torch.long).flatten()
-        pos = torch.searchsorted(self._state.kept, tokens)
-        if pos.numel() and (pos.max() >= self._state.kept.numel() or (self._state.kept[pos] != tokens).any()):
+    def _tokens(self, tokens) -> torch.Tensor:
+        return torch.as_tensor(tokens, device=self.device, dtype=torch.long).flatten()
+
+    def _columns(self, tokens) -> torch.Tensor:
+        """Columns of the current layers' tensors (hidden states, rotary, layer K−1's cache) holding ``tokens``."""
+        tokens = self._tokens(tokens)
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self._state.seq_len):
+            raise ValueError(f"asked for signals of tokens outside the prompt (0..{self._state.seq_len - 1})")
+        cols = self._state.layout.columns()[self.row, tokens]
+        if cols.numel() and bool((cols < 0).any()):
             raise ValueError("asked for signals of tokens that were already pruned")
-        return pos
+        return cols
 
     def _check_layer(self, layer: int) -> int:
         if layer not in (self.layer - 1, self.layer) or layer < 0:
@@ -206,18 +311,22 @@ class SelectionContext:
                              f"(selection at layer {self.layer}), not {layer}")
         return layer
 
+    def _row_of(self, x: torch.Tensor) -> torch.Tensor:
+        """This row of a batch-first tensor (a broadcast batch of one serves every row)."""
+        return x[self.row: self.row + 1] if x.shape[0] > 1 else x
+
     def _projection(self, which: str, layer: int, tokens, norm: bool = True, rotary: bool = True) -> torch.Tensor:
-        """(B, heads, T, d) projection ``which`` ∈ {q, k, v} of layer ``layer``'s input at ``tokens``."""
+        """(1, heads, T, d) projection ``which`` ∈ {q, k, v} of layer ``layer``'s input at ``tokens``."""
         adapter = self._session.adapter
         module = adapter.layers[layer]
-        pos = self._local(tokens)
-        hidden = self._state.hidden_inputs[layer][:, pos]
+        cols = self._columns(tokens)
+        hidden = self._state.hidden_inputs[layer][self.row: self.row + 1, cols]
         if norm:
             hidden = adapter.input_norm(module)(hidden)
         out = adapter.project_heads(adapter.attention(module), which, hidden)
         if rotary and which != "v":
-            cos, sin = self._state.rotary
-            out = adapter.rotate(out, cos[:, pos].to(out.dtype), sin[:, pos].to(out.dtype))
+            cos, sin = (self._row_of(x)[:, cols] for x in self._state.rotary)
+            out = adapter.rotate(out, cos.to(out.dtype), sin.to(out.dtype))
         return out
 
     def _cached(self, layer: int):
@@ -228,9 +337,9 @@ class SelectionContext:
 
     @torch.no_grad()
     def hidden_states(self, tokens) -> torch.Tensor:
-        """Input hidden states of layer K at ``tokens``, (B, T, hidden), in the model's dtype. At K = 0
+        """Input hidden states of layer K at ``tokens``, (1, T, hidden), in the model's dtype. At K = 0
         these are the input embeddings: the vision tower's merged features for visual tokens."""
-        return self._state.hidden_inputs[self.layer][:, self._local(tokens)]
+        return self._state.hidden_inputs[self.layer][self.row: self.row + 1, self._columns(tokens)]
 
     @property
     def vision_local_block(self) -> int:
@@ -250,73 +359,74 @@ class SelectionContext:
     def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
         """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
         queries, pooled over each merge group), (N,) in the segment's raster order."""
-        return self._session.vision_attention(self._state.segments, block)[segment]
+        return self._session.vision_attention(self._state.segments, block)[(self.row, segment)]
 
     @torch.no_grad()
     def values(self, tokens, layer: int | None = None, norm: bool = True) -> torch.Tensor:
-        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (B, kv_heads, T, d); with
+        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (1, kv_heads, T, d); with
         ``norm=False``, of the layer's input without its input norm (the authors' InternVL code)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         cached = self._cached(layer)
         if cached is not None and norm:
-            return cached.values[:, :, self._local(tokens)].float()
+            return cached.values[self.row: self.row + 1, :, self._columns(tokens)].float()
         return self._projection("v", layer, tokens, norm=norm).float()
 
     @torch.no_grad()
     def keys(self, tokens, layer: int | None = None, norm: bool = True, rotary: bool = True) -> torch.Tensor:
-        """Key vectors of a layer's input (K−1 by default), float32, (B, kv_heads, T, d)."""
+        """Key vectors of a layer's input (K−1 by default), float32, (1, kv_heads, T, d)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         cached = self._cached(layer)
         if cached is not None and norm and rotary:
-            return cached.keys[:, :, self._local(tokens)].float()
+            return cached.keys[self.row: self.row + 1, :, self._columns(tokens)].float()
         return self._projection("k", layer, tokens, norm=norm, rotary=rotary).float()
 
     @torch.no_grad()
     def queries(self, tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
-        """Query vectors of a layer's input (K−1 by default), float32, (B, heads, T, d)."""
+        """Query vectors of a layer's input (K−1 by default), float32, (1, heads, T, d)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         return self._projection("q", layer, tokens, rotary=rotary).float()
 
     @torch.no_grad()
     def attention(self, query_tokens, key_tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
-        """Attention probabilities of ``query_tokens`` to ``key_tokens`` at a layer, (B, heads, Q, T).
+        """Attention probabilities of ``query_tokens`` to ``key_tokens`` at a layer, (1, heads, Q, T).
 
         Softmax runs over every present key the query sees (causal), as in the model; only the
         requested columns are returned. Computed from q and the (cached) keys: O(Q·S) work.
         """
         layer = self.layer - 1 if layer is None else layer
+        alive = self._alive
         q = self.queries(query_tokens, layer, rotary=rotary)
-        k = self.keys(self._state.kept, layer, rotary=rotary)
+        k = self.keys(alive, layer, rotary=rotary)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scale = self._session.adapter.attention_scale(self._session.adapter.layers[layer])
-        logits = (q @ k.transpose(-1, -2)) * scale  # (B, H, Q, S_alive)
-        query_index = self._state.kept[self._local(query_tokens)]
-        hidden = self._state.kept[None, :] > query_index[:, None]
+        logits = (q @ k.transpose(-1, -2)) * scale  # (1, H, Q, S_alive)
+        hidden = alive[None, :] > self._tokens(query_tokens)[:, None]
         probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)
-        return probs[..., self._local(key_tokens)]
+        self._columns(key_tokens)  # present ones only
+        return probs[..., torch.searchsorted(alive, self._tokens(key_tokens))]
 
     def last_token_attention(self, layer: int | None = None, rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(present visual tokens, the last prompt token's attention to each, mean over heads, batch row 0)
-        at a layer (K−1 by default): the score of FastV and of the methods built on it."""
+        """(present visual tokens, the last prompt token's attention to each, mean over heads) at a layer
+        (K−1 by default): the score of FastV and of the methods built on it."""
         visual = self.visual_tokens()
         return visual, self.attention([self.last_token], visual, layer, rotary)[0].mean(0)[0]
 
 
 class PruneSession:
-    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill."""
+    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill (a :class:`BatchRecord`)."""
 
     def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter, sync_timing: bool = False):
         self.model, self.method, self.adapter = model, method, adapter
         self.sync_timing = sync_timing  # synchronise CUDA around the selection so its time is real
         self.stage_layers = method.selection_layers()
-        self.last: PrefillRecord | None = None
+        self.last: BatchRecord | None = None
         self._state: _PrefillState | None = None
         self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
         self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
         self._handles: list[Any] = []
         self._vision_blocks = method.vision_blocks(adapter)
         self._vision_calls: list[dict] = []  # per vision-tower call: grid_thw and block inputs
-        self._vision_scores: dict[int, dict[Segment, torch.Tensor]] = {}
+        self._vision_scores: dict[int, dict[tuple[int, Segment], torch.Tensor]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -375,17 +485,18 @@ class PruneSession:
         if self._vision_calls:
             self._vision_calls[-1]["blocks"][block] = {"module": module, "args": args, "kwargs": kwargs}
 
-    def vision_attention(self, segments: list[Segment], block: int) -> dict[Segment, torch.Tensor]:
-        """Received attention of vision block ``block`` per segment. The tower encodes the images
-        (in prompt order) before the videos (in prompt order), one call each."""
+    def vision_attention(self, segments: list[list[Segment]], block: int) -> dict[tuple[int, Segment], torch.Tensor]:
+        """Received attention of vision block ``block`` per (batch row, segment). The tower encodes the
+        batch's images (row by row, each row's in prompt order) before its videos (likewise), one call each."""
         if block not in self._vision_scores:
             per_frame: list[torch.Tensor] = []
             for call in self._vision_calls:
                 if block not in call["blocks"]:
                     raise ValueError(f"vision block {block} did not run for this prompt")
                 per_frame += self.adapter.received_attention(call, call["blocks"][block])
-            ordered = sorted(segments, key=lambda s: (s.kind != "image", s.source, s.frame))
-            if [t.numel() for t in per_frame] != [s.n for s in ordered]:
+            pairs = [(row, seg) for row, segs in enumerate(segments) for seg in segs]
+            ordered = sorted(pairs, key=lambda p: (p[1].kind != "image", p[0], p[1].source, p[1].frame, p[1].part))
+            if [t.numel() for t in per_frame] != [seg.n for _, seg in ordered]:
                 raise ValueError("the vision tower's outputs do not line up with the prompt's visual segments")
             self._vision_scores[block] = dict(zip(ordered, per_frame))
         return self._vision_scores[block]
@@ -401,9 +512,6 @@ class PruneSession:
             if has_pixels:
                 raise ValueError("ivcp needs input_ids (not inputs_embeds) to find the image tokens")
             return (args, kwargs) if self._continue(cache, past, kwargs) else None
-        if input_ids.shape[0] > 1:
-            raise ValueError(f"ivcp prunes batch size 1 only for now (got a batch of {input_ids.shape[0]}); "
-                             "run one sample at a time")
         if past > 0:
             if has_pixels or kwargs.get("mm_encoder_outputs"):
                 raise ValueError("ivcp prunes visual tokens in the first forward of a sequence only; this "
@@ -413,23 +521,38 @@ class PruneSession:
             raise ValueError(f"ivcp trims a DynamicCache; this cache ({type(cache).__name__}) has other layer types")
         if has_pixels:  # the tower runs inside this forward: anything captured before is stale
             self._vision_calls, self._vision_scores = [], {}
+        mask = kwargs.get("attention_mask")
+        padding = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+            padding = ~mask.to(torch.bool)
+            if not bool(padding.any()):
+                padding = None
+            elif bool(padding.all(dim=1).any()):
+                raise ValueError("a row of the batch is all padding (its attention_mask is all zeros)")
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
-                                    kwargs.get("image_sizes"))
+                                    kwargs.get("image_sizes"), padding)
         return None
 
     def _continue(self, cache, past: int, kwargs) -> bool:
-        """A forward on top of a pruned cache that brings no position ids gets the unpruned model's
-        (transformers would derive them from the shorter cache). True if ``kwargs`` changed."""
+        """A forward on top of a pruned cache: the mask is cut to layer 0's entries, and a forward that
+        brings no position ids gets the unpruned model's (transformers would derive them from the shorter
+        cache). True if ``kwargs`` changed."""
         info = self._caches.get(cache) if cache is not None else None
         self._decoding = info
-        if info is None or kwargs.get("position_ids") is not None:
+        if info is None:
             return False
         ref = kwargs.get("input_ids")
         ref = ref if ref is not None else kwargs["inputs_embeds"]
         batch, length = ref.shape[0], ref.shape[1]
-        start = past + info.dropped_layer0
-        pos = torch.arange(start, start + length, device=ref.device)[None, :] + info.rope_delta.to(ref.device)
-        kwargs["position_ids"] = pos[None].expand(info.rows, batch, length)
+        if batch != info.layouts[0].batch:
+            raise ValueError(f"this pruned cache holds {info.layouts[0].batch} rows; the forward brings {batch}")
+        kwargs["attention_mask"] = info.prompt_mask(kwargs.get("attention_mask"), past, length)
+        if kwargs.get("position_ids") is None:
+            start = past + info.seq_len - info.n_layer0
+            pos = torch.arange(start, start + length, device=ref.device)[None, :] + info.rope_delta.to(ref.device)
+            kwargs["position_ids"] = pos[None].expand(info.rows, batch, length)
         return True
 
     def _on_text_model(self, module, args, kwargs):
@@ -444,41 +567,43 @@ class PruneSession:
             pos = pos[None].expand(rows, -1, -1)
         elif pos.shape[0] == rows + 1:  # text row first, then the rotary rows
             pos = pos[1:]
-        state.position_ids = pos
-        state.segments = self.adapter.segments(state.input_ids[0], state.grids[0], state.grids[1], pos[:, 0],
-                                               image_sizes=state.image_sizes)
-        if not state.segments:  # text only: runs unpruned
-            n = state.seq_len
-            self.last = PrefillRecord([], torch.arange(n), 0, 0, [n] * len(self.adapter.layers), n,
-                                      method=self.method.describe())
+        state.position_ids = pos.expand(rows, state.batch, state.seq_len)
+        state.segments = self.adapter.batch_segments(state.input_ids, state.grids[0], state.grids[1],
+                                                     state.position_ids, image_sizes=state.image_sizes)
+        if not any(state.segments):  # text only: runs unpruned
+            state.layer_layouts = {i: state.layout for i in range(len(self.adapter.layers))}
+            self.last = self._record(state, cache=None)
             self._state = None
             return None
-        for seg in state.segments:
-            state.visual[seg.start: seg.end] = True
+        for row, segments in enumerate(state.segments):
+            for seg in segments:
+                state.visual[row, seg.start: seg.end] = True
         # features the decoder adds to visual tokens between layers (Qwen3-VL's deepstack): taken out of
         # the decoder's hands and added by the layer hooks, to the tokens still present
         state.additions = self.adapter.take_layer_additions(kwargs, len(self.adapter.layers))
         return args, kwargs
 
     def _add_layer_inputs(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Add a layer's residual additions (input index → feature) to the rows of the present tokens."""
-        tokens, values = self._state.additions[index]
-        kept = self._state.kept
-        pos = torch.searchsorted(kept, tokens).clamp(max=kept.numel() - 1)
-        present = kept[pos] == tokens
+        """Add a layer's residual additions ([row, input index] → feature) to the present tokens."""
+        where, values = self._state.additions[index]
+        cols = self._state.layout.columns()[where[:, 0], where[:, 1]]
+        present = cols >= 0
         hidden = hidden.clone()
-        hidden[0, pos[present]] += values[present].to(hidden.dtype)
+        hidden[where[present, 0], cols[present]] += values[present].to(hidden.dtype)
         return hidden
 
     def _on_layer(self, index: int, args, kwargs):
         state = self._state
+        hidden = args[0] if args else kwargs["hidden_states"]
         if state is None:
-            mask = kwargs.get("attention_mask")
-            if self._decoding is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                kwargs["attention_mask"] = self._decoding.layer_mask(index, mask)
+            if self._decoding is not None:
+                cache = _cache_kwarg(kwargs)
+                cached = cache.layers[index].keys.shape[-2] if cache is not None and len(cache.layers) > index else 0
+                generated = cached - self._decoding.layouts[index].width
+                kwargs["attention_mask"] = self._decoding.layer_mask(index, kwargs.get("attention_mask"), generated,
+                                                                     hidden.shape[1], hidden.dtype)
                 return args, kwargs
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
         if state.originals is None:
             if kwargs.get("position_embeddings") is None:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
@@ -492,7 +617,7 @@ class PruneSession:
             hidden = self._select(index, hidden)
         if index + 1 in self.stage_layers:
             state.hidden_inputs[index] = hidden
-        state.layer_tokens[index] = state.kept
+        state.layer_layouts[index] = state.layout
         if state.layer_kwargs is not None:
             kwargs.update(state.layer_kwargs)
         if args:
@@ -501,6 +626,24 @@ class PruneSession:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _choose(self, state: _PrefillState, layer: int, row: int) -> torch.Tensor:
+        """The sorted input indices row ``row`` keeps from the selection at ``layer``: its text and markup, its
+        last token, and the visual tokens the method chose."""
+        alive = state.layout.row(row)
+        if not state.segments[row]:
+            return alive
+        started = time.perf_counter()
+        chosen = self.method.select(SelectionContext(self, state, layer, row))
+        state.row_seconds[row] += time.perf_counter() - started
+        chosen = torch.as_tensor(chosen, dtype=torch.long, device=alive.device).flatten()
+        alive_visual = alive[state.visual[row, alive]]
+        if chosen.numel() != torch.unique(chosen).numel() or not torch.isin(chosen, alive_visual).all():
+            raise ValueError(f"{self.method.name} returned token indices that are not distinct present visual tokens")
+        keep = ~state.visual[row, alive]  # text and markup always stay
+        keep[-1] = True  # the token that generates
+        keep |= torch.isin(alive, chosen)
+        return alive[keep]
+
     @torch.no_grad()
     def _select(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         state = self._state
@@ -508,102 +651,118 @@ class PruneSession:
         if self.sync_timing and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         started = time.perf_counter()
-        chosen = self.method.select(SelectionContext(self, state, layer))
-        chosen = torch.as_tensor(chosen, dtype=torch.long, device=state.kept.device).flatten()
-        alive_visual = state.kept[state.visual[state.kept]]
-        if chosen.numel() != torch.unique(chosen).numel() or not torch.isin(chosen, alive_visual).all():
-            raise ValueError(f"{self.method.name} returned token indices that are not distinct present visual tokens")
-        keep = ~state.visual[state.kept]  # text and markup always stay
-        keep[-1] = True  # the token that generates
-        keep |= torch.isin(state.kept, chosen)
-        new_kept = state.kept[keep]
-        local = keep.nonzero().flatten()
+        old = state.layout
+        new = TokenLayout.pack([self._choose(state, layer, row) for row in range(state.batch)], state.seq_len)
+        local = old.columns_of(new)  # (B, L_new): where each new column's token sits now
         for earlier in self.method.trimmed_layers(layer):  # IVC-Prune-style: earlier layers' KV cut too
-            tokens = state.layer_tokens[earlier]
-            if tokens.numel() == new_kept.numel():
+            held = state.layer_layouts[earlier]
+            if held.same_as(new):
                 continue
             if state.cache is not None:
-                idx = torch.searchsorted(tokens, new_kept)
+                index = held.columns_of(new)
                 cached = state.cache.layers[earlier]
-                cached.keys = cached.keys[:, :, idx]
-                cached.values = cached.values[:, :, idx]
-            state.layer_tokens[earlier] = new_kept
+                cached.keys = gather_columns(cached.keys, index, 2)
+                cached.values = gather_columns(cached.values, index, 2)
+            state.layer_layouts[earlier] = new
         if getattr(self.method, "position_policy", "keep") == "renumber":
             # close the gaps the dropped tokens leave: each kept token moves down by the number of
-            # tokens dropped before it (1-D RoPE: positions become 0..n−1, as PDrop does)
-            shift = local - torch.arange(local.numel(), device=local.device)
-            positions = state.current_positions[..., local] - shift
+            # the row's tokens dropped before it (1-D RoPE: positions become 0..n−1, as PDrop does)
+            shift = old.ranks().gather(1, local) - new.ranks()
+            positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
+            positions = positions - torch.where(new.valid, shift, 0)[None]
             rotary = self.adapter.rotary_embedding(hidden, positions)
         else:
-            positions = state.current_positions[..., local]
+            positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
             cos, sin = state.originals["position_embeddings"]
-            rotary = (cos[:, new_kept], sin[:, new_kept])
-        state.kept, state.current_positions, state.rotary = new_kept, positions, rotary
-        state.layer_kwargs = self._sliced(state, new_kept, rotary)
-        state.stages.append({"layer": layer, "n_visual_kept": int(state.visual[new_kept].sum()),
-                             "kept": new_kept.cpu()})
+            rotary = (gather_columns(cos, new.tokens, 1), gather_columns(sin, new.tokens, 1))
+        state.layout, state.current_positions, state.rotary = new, positions, rotary
+        state.layer_kwargs = self._sliced(state, new, rotary)
+        for row in range(state.batch):
+            if not state.segments[row]:  # nothing to select in a row without visual tokens
+                continue
+            kept = new.row(row)
+            state.stages[row].append({"layer": layer, "n_visual_kept": int(state.visual[row, kept].sum()),
+                                      "kept": kept.cpu()})
         if state.hidden_updates:
             hidden = hidden.clone()
-            for pos, values in state.hidden_updates:
-                hidden[:, pos] = values.to(hidden.dtype)
+            for row, cols, values in state.hidden_updates:
+                hidden[row, cols] = values[0].to(hidden.dtype)
             state.hidden_updates.clear()
+        hidden = gather_columns(hidden, local, 1)
         if self.sync_timing and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         state.selection_seconds += time.perf_counter() - started
         state.hidden_inputs.pop(layer - 1, None)
         state.hidden_inputs.pop(layer, None)
-        return hidden[:, local]
+        return hidden
 
-    @staticmethod
-    def _sliced(state: _PrefillState, kept: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    def _sliced(self, state: _PrefillState, layout: TokenLayout, rotary: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        """The layer kwargs for ``layout``: the prefill mask cut to its tokens (padding hidden), its rotary."""
         mask = state.originals["attention_mask"]
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-                raise ValueError(f"ivcp cannot slice an attention mask of type {type(mask).__name__}; "
-                                 "use attn_implementation 'sdpa', 'eager' or 'flash_attention_2'")
+        if mask is None:
+            if layout.padded:
+                mask = causal_mask(layout.valid, getattr(self.model.config, "_attn_implementation", None),
+                                   rotary[0].dtype)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:  # flash-attention's padding mask
+            if mask.shape[-1] != state.seq_len:
+                raise ValueError(f"unexpected attention mask shape {tuple(mask.shape)} for a prompt of "
+                                 f"{state.seq_len} tokens")
+            mask = gather_columns(mask.bool(), layout.tokens, 1) & layout.valid
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             if mask.shape[-1] != state.seq_len or mask.shape[-2] != state.seq_len:
                 raise ValueError(f"unexpected attention mask shape {tuple(mask.shape)} for a prompt of "
                                  f"{state.seq_len} tokens")
-            mask = mask[:, :, kept][:, :, :, kept]
-        # position_ids only tell flash-attention where packed sequences start: the kept tokens are
+            mask = gather_columns(gather_columns(mask, layout.tokens, 2), layout.tokens, 3)
+            if layout.padded:
+                mask = hide_padding(mask, layout.valid, layout.valid)
+        else:
+            raise ValueError(f"ivcp cannot slice an attention mask of type {type(mask).__name__}; "
+                             "use attn_implementation 'sdpa', 'eager' or 'flash_attention_2'")
+        # position_ids only tell flash-attention where packed sequences start: each row's kept tokens are
         # one sequence, so none are passed (sliced ids would look like many packed sequences).
         return {"attention_mask": mask, "position_embeddings": rotary, "position_ids": None}
+
+    def _record(self, state: _PrefillState, cache) -> BatchRecord:
+        n_layers = len(self.adapter.layers)
+        layouts = [state.layer_layouts[i] for i in range(n_layers)]
+        if cache is not None and len(cache.layers) == n_layers:
+            cache_lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
+        else:
+            cache_lengths = [layout.width for layout in layouts]
+        counts = torch.stack([layout.counts() for layout in layouts], 1).tolist()  # (B, layers)
+        visual = torch.stack([(gather_columns(state.visual, layout.tokens, 1) & layout.valid).sum(1)
+                              for layout in layouts], 1).tolist()
+        n_visual = state.visual.sum(1).tolist()
+        padding = (~state.initial_layout.valid).sum(1).tolist()
+        method = self.method.describe()
+        rows = []
+        for row in range(state.batch):
+            kept = state.layout.row(row)
+            marks = {name: torch.unique(torch.cat(parts)).cpu() for name, parts in state.marks[row].items()}
+            rows.append(PrefillRecord(
+                segments=[(s.start, s.end) for s in state.segments[row]], kept=kept.cpu(), n_visual=int(n_visual[row]),
+                n_visual_kept=int(state.visual[row, kept].sum()), kv_lengths=counts[row], seq_len=state.seq_len,
+                stages=state.stages[row], marks=marks, visual_kv_per_layer=visual[row],
+                selection_seconds=state.row_seconds[row], method=method, padding=int(padding[row])))
+        return BatchRecord(rows, cache_lengths, state.selection_seconds, method)
 
     def _after_model(self, module, args, kwargs, output):
         state, self._state, self._decoding = self._state, None, None
         if state is None:
             return None
         self._vision_calls, self._vision_scores = [], {}
-        n_layers = len(self.adapter.layers)
         cache = getattr(output, "cache", None)
         cache = cache if cache is not None else getattr(output, "past_key_values", None)
-        if cache is not None and len(cache.layers) == n_layers:
-            kv_lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
-        else:
-            kv_lengths = [int(state.layer_tokens[i].numel()) for i in range(n_layers)]
-        visual_per_layer = [int(state.visual[state.layer_tokens[i]].sum()) for i in range(n_layers)]
-        marks = {name: torch.unique(torch.cat(parts)).cpu() for name, parts in state.marks.items()}
-        self.last = PrefillRecord(
-            segments=[(s.start, s.end) for s in state.segments],
-            kept=state.kept.cpu(),
-            n_visual=int(state.visual.sum()),
-            n_visual_kept=int(state.visual[state.kept].sum()),
-            kv_lengths=kv_lengths,
-            seq_len=state.seq_len,
-            stages=state.stages,
-            marks=marks,
-            visual_kv_per_layer=visual_per_layer,
-            selection_seconds=state.selection_seconds,
-            method=self.method.describe(),
-        )
-        if cache is not None and any(length != state.seq_len for length in kv_lengths):
-            pos = state.position_ids
-            delta = pos.amax(dim=(0, 2)).view(-1, 1) + 1 - state.seq_len
-            first = state.layer_tokens[0]
-            columns = [None if tokens.numel() == first.numel() else torch.searchsorted(first, tokens)
-                       for tokens in (state.layer_tokens[i] for i in range(n_layers))]
-            self._caches[cache] = _CacheInfo(state.seq_len - kv_lengths[0], delta, pos.shape[0], first.numel(),
-                                             columns)
+        self.last = self._record(state, cache)
+        layouts = [state.layer_layouts[i] for i in range(len(self.adapter.layers))]
+        if cache is not None and any(not layout.same_as(state.initial_layout) for layout in layouts):
+            pos = state.position_ids  # each row's last real position decides where its decoding goes on
+            real = torch.where(state.initial_layout.valid[None], pos, torch.iinfo(pos.dtype).min)
+            delta = real.amax(dim=(0, 2)).view(-1, 1) + 1 - state.seq_len
+            first = layouts[0]
+            columns = [None if layout.same_as(first) else first.columns_of(layout) for layout in layouts]
+            self._caches[cache] = _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
+                                             getattr(self.model.config, "_attn_implementation", None))
         return None
 
 
@@ -624,7 +783,9 @@ def prune(model: nn.Module, method: str | PruningMethod, *, sync_timing: bool = 
     """Run ``model`` pruned by ``method`` inside the block; yields a :class:`PruneSession`.
 
     ``method`` is a registered name (``ivcp.available_methods()``) with ``params``, or a method
-    object. Bad configuration raises ValueError before anything runs. Batch size 1.
+    object. Bad configuration raises ValueError before anything runs. Any batch the family's processor
+    makes (left padding for ``generate``, rows with different images or none); each row is pruned as
+    it would be alone.
     ``sync_timing`` synchronises CUDA around the selection so ``selection_seconds`` is exact (the
     benchmark sets it; it costs two synchronisations per prefill).
     """

@@ -29,8 +29,9 @@ def layer_masks(n_prompt: int, n_total: int, stages: list[tuple[int, torch.Tenso
     causal = k <= q
     decode_rows = q >= n_prompt
     final_dropped = torch.zeros(n_total, dtype=torch.bool)
-    final_dropped[:n_prompt] = True
-    final_dropped[stages[-1][1]] = False
+    if stages:  # no stages: nothing was dropped (a prompt without visual tokens)
+        final_dropped[:n_prompt] = True
+        final_dropped[stages[-1][1]] = False
     masks = []
     for layer in range(num_layers):
         hidden_keys = torch.zeros(n_total, dtype=torch.bool)

@@ -196,10 +196,3 @@ def test_every_image_keeps_a_token(method):
     assert ((kept >= small[0]) & (kept < small[1])).sum() == 1
     assert ((kept >= large[0]) & (kept < large[1])).sum() >= 1
 
-
-def test_batch_larger_than_one_is_refused(family, model_and_processor):
-    model, processor = model_and_processor
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
-    inputs = processor(text=[text, text], images=[make_image(), make_image(seed=5)])
-    with ivcp.prune(model, "ivc_prune"), pytest.raises(ValueError, match="batch size 1"):
-        model(**inputs)

@@ -204,8 +204,8 @@ class ModelAdapter:
     def take_layer_additions(self, text_model_kwargs: dict, num_layers: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Features the decoder stack itself would add to visual tokens between layers (Qwen3-VL's
         deepstack), removed from its forward kwargs so the engine adds them to the tokens still present:
-        layer index → (sorted input indices of batch row 0, (T, hidden) features added to that layer's
-        input). Most families add nothing: {}."""
+        layer index → ((T, 2) [batch row, input index] in row-major order, (T, hidden) features added to
+        that layer's input). Most families add nothing: {}."""
         return {}
 
     # --- synthetic inputs and vision cost (the benchmark) -------------------------------------
@@ -225,6 +225,25 @@ class ModelAdapter:
         return self.marker_token_ids
 
     # --- the prompt -------------------------------------------------------------------------
+    def batch_segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                       image_sizes=None) -> list[list[Segment]]:
+        """Visual segments of every row of ``input_ids`` (B, S): :meth:`segments` of each row with its own
+        images' grids and sizes (the inputs list the whole batch's, row by row: :meth:`split_visual_inputs`);
+        ``position_ids`` are (rows, B, S)."""
+        per_row = self.split_visual_inputs(input_ids, image_grid_thw, video_grid_thw, image_sizes)
+        return [self.segments(input_ids[b], images, videos, None if position_ids is None else position_ids[:, b],
+                              image_sizes=sizes) for b, (images, videos, sizes) in enumerate(per_row)]
+
+    def split_visual_inputs(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes) -> list[tuple]:
+        """Per row of ``input_ids``, the (image grids, video grids, image sizes) of its own images. One row
+        takes them all; families whose inputs describe images row by row override this to split them."""
+        if input_ids.shape[0] == 1:
+            return [(image_grid_thw, video_grid_thw, image_sizes)]
+        if image_grid_thw is None and video_grid_thw is None and image_sizes is None:
+            return [(None, None, None)] * input_ids.shape[0]
+        raise NotImplementedError(f"{type(self).__name__} cannot split a batch's image grids or sizes by row")
+
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                  video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                  image_sizes=None) -> list[Segment]:

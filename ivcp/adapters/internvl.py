@@ -68,6 +68,22 @@ class InternVLAdapter(ModelAdapter):
         context = self.model.config.image_token_id
         return frozenset({context, context - 2, context - 1})  # <IMG_CONTEXT>, <img>, </img>
 
+    def split_visual_inputs(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes) -> list[tuple]:
+        """``image_sizes`` lists the batch's images row by row: each row takes one per image (run of tiles) it holds."""
+        if image_sizes is None:
+            return [(None, None, None)] * input_ids.shape[0]
+        sizes = torch.as_tensor(image_sizes)
+        context = self.model.config.image_token_id
+        rows, cursor = [], 0
+        for ids in input_ids:
+            is_context = ids == context
+            starts = int((is_context[1:] & ~is_context[:-1]).sum()) + int(is_context[0])
+            rows.append((None, None, sizes[cursor: cursor + starts]))
+            cursor += starts
+        if cursor != sizes.shape[0]:
+            raise ValueError(f"{sizes.shape[0]} image sizes for {cursor} images in the batch's prompts")
+        return rows
+
     def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
                  position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:
         context = self.model.config.image_token_id

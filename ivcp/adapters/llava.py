@@ -33,6 +33,10 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"ivcp supports LLaVA's 'default' vision feature strategy (the patch grid, CLS dropped), "
                              f"not {strategy!r}: with the CLS token an image's tokens do not form a grid")
 
+    def split_visual_inputs(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes) -> list[tuple]:
+        """Every image has the tower's fixed grid: nothing to split (image sizes are not used)."""
+        return [(None, None, None)] * input_ids.shape[0]
+
     def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
                  position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:
         positions = (input_ids == self.model.config.image_token_id).nonzero().flatten()

@@ -126,6 +126,30 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
         return frozenset(i for i in ids if i is not None)
 
+    def split_visual_inputs(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes) -> list[tuple]:
+        """The grids list the batch's images (videos) row by row: each row takes as many as its tokens fill."""
+        cfg = self.model.config
+        split = {}
+        for kind, token_id, grids in (("image", cfg.image_token_id, image_grid_thw),
+                                      ("video", cfg.video_token_id, video_grid_thw)):
+            if grids is None:
+                split[kind] = [None] * input_ids.shape[0]
+                continue
+            sizes = [int(t * h * w) // self._merge ** 2 for t, h, w in grids.tolist()]
+            rows, cursor = [], 0
+            for count in (input_ids == token_id).sum(1).tolist():
+                first, total = cursor, 0
+                while total < count and cursor < len(sizes):
+                    total, cursor = total + sizes[cursor], cursor + 1
+                if total != count:
+                    raise ValueError(f"a row has {count} {kind} tokens but its {kind}_grid_thw entries describe "
+                                     f"{total}; pass the processor's input_ids together with its {kind}_grid_thw")
+                rows.append(grids[first:cursor])
+            if cursor != len(sizes):
+                raise ValueError(f"{kind}_grid_thw lists {len(sizes)} {kind}s but the prompts hold only {cursor}")
+            split[kind] = rows
+        return [(images, videos, None) for images, videos in zip(split["image"], split["video"])]
+
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                  video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                  image_sizes=None) -> list[Segment]:

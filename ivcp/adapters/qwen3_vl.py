@@ -48,11 +48,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         features = text_model_kwargs.pop("deepstack_visual_embeds", None)
         if mask is None or features is None:
             return {}
-        if mask.shape[0] != 1:
-            raise ValueError("ivcp prunes batch size 1 only for now")
         if len(features) >= num_layers:
             raise ValueError(f"{len(features)} deepstack levels need more than {num_layers} decoder layers")
-        tokens = mask[0].nonzero().flatten()
+        tokens = mask.nonzero()  # (T, 2) [row, index], row-major: the order the decoder adds the features in
         # level i is added to layer i's output, i.e. to layer i + 1's input
         return {level + 1: (tokens, values) for level, values in enumerate(features)}
 

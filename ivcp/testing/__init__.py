@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import internvl, llava, qwen, qwen3_vl
-from .inputs import make_image, make_inputs
+from .inputs import make_batch_inputs, make_image, make_inputs
 from .grounder import GROUNDER_DIR, grounder_config, grounding_accuracy, tiny_grounder
 
 # family -> module with tiny_config(**overrides), tiny_model(seed, dtype, **overrides), tiny_processor(...)
@@ -49,5 +49,6 @@ def tiny_config(family: str = "qwen2_5_vl", **overrides: Any):
     return _builder(family).tiny_config(family, **overrides)
 
 
-__all__ = ["FAMILIES", "GROUNDER_DIR", "grounder_config", "grounding_accuracy", "make_image", "make_inputs", "tiny_config", "tiny_grounder",
+__all__ = ["FAMILIES", "GROUNDER_DIR", "grounder_config", "grounding_accuracy", "make_batch_inputs", "make_image",
+           "make_inputs", "tiny_config", "tiny_grounder",
            "tiny_model", "tiny_processor"]

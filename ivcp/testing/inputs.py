@@ -48,7 +48,14 @@ def make_inputs(processor, prompt: str = "Describe the picture.", images=None, v
         pixel_values, grid = _patchify_video(processor.image_processor, frames)
         video = dict(pixel_values_videos=pixel_values, video_grid_thw=grid)
         merge = processor.image_processor.merge_size ** 2
-        text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
+        if getattr(processor, "video_frames_wrapped", False):
+            # Qwen3-VL's processor: each temporal slice "<t seconds>" + its own start/end markers
+            t, h, w = (int(v) for v in grid[0])
+            per_slice = "<|vision_start|>" + "<|video_pad|>" * (h * w // merge) + "<|vision_end|>"
+            slices = "".join(f"<{i * 1.0:.1f} seconds>" + per_slice for i in range(t))
+            text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", slices, 1)
+        else:
+            text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
     data = dict(processor(text=text, images=images or None, return_tensors="pt"))
     data.update(video)
     return data
@@ -68,3 +75,14 @@ def _patchify_video(image_processor, frames) -> tuple[torch.Tensor, torch.Tensor
     x = x.view(len(frames) // t_patch, t_patch, h * w, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
     x = x.reshape(len(frames) // t_patch * h * w, channels * t_patch * patch * patch)
     return x.contiguous(), torch.tensor([[len(frames) // t_patch, h, w]])
+
+
+
+def make_batch_inputs(processor, rows: list[dict], padding_side: str = "left") -> dict:
+    """One batch from several prompts: each row is :func:`make_inputs`' keyword arguments (``prompt``,
+    ``images``, ``video_frames``…), the rows padded on ``padding_side`` ("left": what ``generate`` needs)
+    with the tokenizer's pad token, their images and videos listed row by row — the layout the
+    family's processor gives a batch, and every row's tokens exactly those of :func:`make_inputs`."""
+    from ..batching import collate
+
+    return collate([make_inputs(processor, **row) for row in rows], processor.tokenizer.pad_token_id, padding_side)

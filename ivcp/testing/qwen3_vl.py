@@ -40,7 +40,9 @@ def tiny_processor(family: str = "qwen3_vl", min_pixels: int = 4 * 32 * 32, max_
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                                                patch_size=16, temporal_patch_size=2, merge_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return TinyProcessor(image_processor, tiny_tokenizer())
+    processor = TinyProcessor(image_processor, tiny_tokenizer())
+    processor.video_frames_wrapped = True  # Qwen3-VL wraps each temporal slice of a video in its own markers
+    return processor
 
 
 def tiny_config(family: str = "qwen3_vl", **overrides: Any):
