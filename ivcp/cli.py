@@ -126,6 +126,16 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated positive integers, got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes are distinct positive integers, got {text!r}")
+    return sizes
+
+
 def bench(args: argparse.Namespace) -> int:
     """Efficiency benchmark (see ivcp/bench.py)."""
     import torch
@@ -139,7 +149,7 @@ def bench(args: argparse.Namespace) -> int:
     sizes = list(args.image_sizes) + [b.visual_tokens_to_size(n) for n in args.visual_tokens]
     if not sizes:
         sizes = [(336, 448)]
-    cases = b.plan(args.methods, args.keep_ratios, sizes)  # unknown methods fail here
+    cases = b.plan(args.methods, args.keep_ratios, sizes, args.batch_sizes)  # unknown methods fail here
     if args.model == "tiny" or args.model.startswith("tiny:") or args.model in b.bundled_architectures():
         if args.model.startswith("tiny"):
             model, _ = load_model(args.model, device=device)
@@ -155,7 +165,16 @@ def bench(args: argparse.Namespace) -> int:
     cases = b.run(model, cases, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
                   prompt_tokens=args.prompt_tokens)
     options = {k: getattr(args, k) for k in ("repeats", "warmup", "new_tokens", "prompt_tokens")}
-    report = b.report_for(args.model, model, b.summarise(model, cases), options, "ivcp " + " ".join(sys.argv[1:]))
+    rows = b.summarise(model, cases)
+    if not rows:
+        print("ivcp bench: error: every case ran out of memory", file=sys.stderr)
+        return 1
+    if args.batch_sizes:
+        weights = b.weight_bytes(model)
+        options.update(batch_sizes=args.batch_sizes, memory_budget_gb=args.memory_budget_gb, weight_bytes=weights,
+                       capacity=b.capacity(rows, weights, int(args.memory_budget_gb * 2 ** 30)),
+                       out_of_memory=sorted({f"{c.label} at batch {c.batch}" for c in cases if c.out_of_memory}))
+    report = b.report_for(args.model, model, rows, options, "ivcp " + " ".join(sys.argv[1:]))
     paths = b.write(report, args.out)
     print(b.markdown(report))
     print("\n".join(f"wrote {path}" for path in paths.values()))
@@ -254,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sizes given as visual-token counts instead, e.g. 1300,5000")
     p.add_argument("--keep-ratios", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
                    help="sweep keep_ratio for the methods that have one, e.g. 0.25,0.5,0.75")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
+                   help="throughput at these batch sizes, e.g. 1,4,8,16 (each method against vanilla at the same batch)")
+    p.add_argument("--memory-budget-gb", type=float, default=40.0,
+                   help="with --batch-sizes: the largest batch that fits this much memory, GiB (default 40: the paper's A100-40GB)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")

@@ -168,3 +168,79 @@ def test_internvl_synthetic_inputs_tile_like_the_processor():
     v = model.config.vision_config  # 3 tiles of 64 patches + CLS, width 32, MLP 64, 3 blocks; projector 16 tokens
     expected = 3 * (analytic.vit_flops(65, 32, 64, 3) + 2 * 16 * (4 * 32 * 64 + 64 * 64))
     assert ivcp.adapters.adapter_for(model).vision_flops(inputs) == expected
+
+
+def test_synthetic_batches_have_rows_of_one_length():
+    model, _ = get_model("qwen2_5_vl")
+    batch = bench.synthetic_batch(model, (168, 224), 3, prompt_tokens=7)
+    assert batch["input_ids"].shape[0] == 3 and bool(batch["attention_mask"].all())
+    assert batch["image_grid_thw"].tolist() == [[1, 12, 16]] * 3
+    assert not torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # each row its own text
+
+
+@pytest.fixture(scope="module")
+def batch_report():
+    model, _ = get_model("qwen2_5_vl")
+    cases = bench.plan(["vanilla", "ivc_prune", "fastv"], None, [(168, 224)], batch_sizes=[1, 3])
+    cases = bench.run(model, cases, repeats=2, warmup=0, new_tokens=3, log=lambda *_: None)
+    return model, bench.summarise(model, cases)
+
+
+def test_throughput_rows_per_batch_size(batch_report):
+    model, rows = batch_report
+    by = {(r["label"], r["batch"]): r for r in rows}
+    assert set(by) == {(m, b) for m in ("vanilla", "ivc_prune", "fastv") for b in (1, 3)}
+    text = model.config.text_config
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # float32
+    n = by[("vanilla", 1)]["seq_len"]
+    for label in ("vanilla", "ivc_prune", "fastv"):
+        single, triple = by[(label, 1)], by[(label, 3)]
+        assert triple["kv_bytes"] == 3 * single["kv_bytes"] == triple["kv_bytes_analytic"]  # rows of one length
+        for r in (single, triple):
+            samples = r["tokens_per_s"]["samples"]
+            assert r["tokens_per_s"]["median"] == pytest.approx(sum(samples) / 2)
+            totals = r["total_ms"]["samples"]
+            assert sorted(samples) == pytest.approx(sorted(r["batch"] * 3 / (t / 1e3) for t in totals))
+    # IVC-Prune keeps 24 of 48 in every layer: each sequence ends with (n − 24 + 3) entries per layer
+    assert by[("ivc_prune", 3)]["kv_bytes_per_sequence_final"] == 4 * (n - 24 + 3) * per_token
+    assert by[("vanilla", 3)]["kv_bytes_per_sequence_final"] == 4 * (n + 3) * per_token
+    # the ideal ratio is the FLOPs ratio of whole generate() runs, batch-independent for rows alike
+    arch = analytic.TextArch.from_config(model.config)
+    def generate_flops(cached, processed):  # one sequence: vision + prefill + 2 decoding steps
+        return analytic.llm_prefill_flops(arch, processed) + sum(
+            analytic.llm_decode_flops(arch, [c + 1 + t for c in cached]) for t in range(2))
+    vision = by[("vanilla", 1)]["flops_vision"]
+    ivc = generate_flops([n - 24] * 4, [n, n, n - 24, n - 24])
+    assert by[("ivc_prune", 3)]["flops_generate"] == 3 * (vision + ivc)
+    assert by[("ivc_prune", 3)]["ideal_throughput_ratio"] == pytest.approx(
+        (vision + generate_flops([n] * 4, [n] * 4)) / (vision + ivc))
+    assert by[("vanilla", 3)]["measured_throughput_ratio"] == 1.0
+
+
+def test_capacity_analytic_and_fitted():
+    rows = [dict(label="vanilla", method="vanilla", image_size=[1, 1], batch=b, kv_bytes_per_sequence_final=10,
+                 peak_memory_bytes=6 + 4 * b) for b in (1, 2, 4)]
+    rows += [dict(label="ivc_prune", method="ivc_prune", image_size=[1, 1], batch=b, kv_bytes_per_sequence_final=4,
+                  peak_memory_bytes=6 + 2 * b) for b in (1, 2, 4)]
+    out = {c["label"]: c for c in bench.capacity(rows, weights=6, memory_budget_bytes=50)}
+    assert out["vanilla"]["max_batch_analytic"] == 4 and out["ivc_prune"]["max_batch_analytic"] == 11  # 44 // 10, 44 // 4
+    assert out["vanilla"]["max_batch_measured"] == 11 and out["ivc_prune"]["max_batch_measured"] == 22  # (50 − 6) / slope
+    assert out["ivc_prune"]["analytic_vs_vanilla"] == pytest.approx(11 / 4)
+    assert out["ivc_prune"]["measured_vs_vanilla"] == pytest.approx(2.0)
+    cpu = [dict(r, peak_memory_bytes=None) for r in rows]
+    assert all(c["max_batch_measured"] is None for c in bench.capacity(cpu, 6, 50))
+
+
+def test_cli_bench_batch_sizes(tmp_path):
+    assert main(["bench", "--model", "tiny", "--methods", "vanilla,ivc_prune", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--image-sizes", "224x168", "--batch-sizes", "1,2", "--memory-budget-gb", "1",
+                 "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "## Throughput by batch size" in table and "## Sequences that fit in 1 GiB" in table
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert sorted({r["batch"] for r in report["rows"]}) == [1, 2]
+    assert [c["label"] for c in report["capacity"]] == ["vanilla", "ivc_prune"]
+    for bad in ("0,2", "2,2", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "--model", "tiny", "--batch-sizes", bad, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
