@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import analytic
+from .compat import output_cache
 from .adapters.qwen2_5_vl import smart_resize
 
 VANILLA = "vanilla"
@@ -176,11 +177,12 @@ def run_once(model, inputs: dict, method: str, params: dict, new_tokens: int) ->
         start = clock.now()
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         prefill = clock.now() - start
+        cache = output_cache(out)
         kv_per_layer = [int(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size())
-                        for l in out.past_key_values.layers]
-        bytes_per_value = out.past_key_values.layers[0].keys.element_size()
+                        for l in cache.layers]
+        bytes_per_value = cache.layers[0].keys.element_size()
         record = session.last if session is not None else None
-        del out
+        del out, cache
         if clock.cuda:
             torch.cuda.reset_peak_memory_stats()
         timer = _ForwardTimer(model, clock)

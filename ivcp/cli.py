@@ -29,6 +29,7 @@ def demo(args: argparse.Namespace) -> int:
     import torch
 
     import ivcp
+    from ivcp.compat import output_cache
     from ivcp.testing import make_image, make_inputs, tiny_model
 
     model, processor = tiny_model(args.family, num_hidden_layers=args.layers)
@@ -48,14 +49,14 @@ def demo(args: argparse.Namespace) -> int:
             if method == "vanilla":
                 out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                                      return_dict_in_generate=True)
-                prefill = model(**inputs, use_cache=True).past_key_values
+                prefill = output_cache(model(**inputs, use_cache=True))
                 n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
                 kept = f"{n_vis}/{n_vis}"
             else:
                 with ivcp.prune(model, method, **dict(args.param)) as session:
                     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                                          return_dict_in_generate=True)
-                    prefill = model(**inputs, use_cache=True).past_key_values
+                    prefill = output_cache(model(**inputs, use_cache=True))
                 rec = session.last
                 kept = f"{rec.n_visual_kept}/{rec.n_visual}"
         per_layer = _kv_bytes_per_layer(prefill)

@@ -31,17 +31,12 @@ import torch
 from torch import nn
 
 from . import config as _config
+from .compat import cache_kwarg, output_cache
 from .adapters import ModelAdapter, Segment, adapter_for
 from .layout import TokenLayout, causal_mask, decode_mask, gather_columns, hide_padding, masked_value
 from .methods import PruningMethod, make_method
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _cache_kwarg(kwargs: dict):
-    """The KV cache a forward received: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 @dataclass
@@ -504,7 +499,7 @@ class PruneSession:
     # --- hooks ------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = _cache_kwarg(kwargs)
+        cache = cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         self._state, self._decoding = None, None
         has_pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
@@ -597,7 +592,7 @@ class PruneSession:
         hidden = args[0] if args else kwargs["hidden_states"]
         if state is None:
             if self._decoding is not None:
-                cache = _cache_kwarg(kwargs)
+                cache = cache_kwarg(kwargs)
                 cached = cache.layers[index].keys.shape[-2] if cache is not None and len(cache.layers) > index else 0
                 generated = cached - self._decoding.layouts[index].width
                 kwargs["attention_mask"] = self._decoding.layer_mask(index, kwargs.get("attention_mask"), generated,
@@ -608,7 +603,7 @@ class PruneSession:
             if kwargs.get("position_embeddings") is None:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
             state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
-            state.cache = _cache_kwarg(kwargs)
+            state.cache = cache_kwarg(kwargs)
             state.rotary = tuple(kwargs["position_embeddings"])
             state.current_positions = state.position_ids
         if index in state.additions:
@@ -701,7 +696,7 @@ class PruneSession:
         mask = state.originals["attention_mask"]
         if mask is None:
             if layout.padded:
-                mask = causal_mask(layout.valid, getattr(self.model.config, "_attn_implementation", None),
+                mask = causal_mask(layout.valid, self.adapter.attn_implementation,
                                    rotary[0].dtype)
         elif isinstance(mask, torch.Tensor) and mask.dim() == 2:  # flash-attention's padding mask
             if mask.shape[-1] != state.seq_len:
@@ -751,8 +746,7 @@ class PruneSession:
         if state is None:
             return None
         self._vision_calls, self._vision_scores = [], {}
-        cache = getattr(output, "cache", None)
-        cache = cache if cache is not None else getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         self.last = self._record(state, cache)
         layouts = [state.layer_layouts[i] for i in range(len(self.adapter.layers))]
         if cache is not None and any(not layout.same_as(state.initial_layout) for layout in layouts):
@@ -762,7 +756,7 @@ class PruneSession:
             first = layouts[0]
             columns = [None if layout.same_as(first) else first.columns_of(layout) for layout in layouts]
             self._caches[cache] = _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
-                                             getattr(self.model.config, "_attn_implementation", None))
+                                             self.adapter.attn_implementation)
         return None
 
 
@@ -790,7 +784,7 @@ def prune(model: nn.Module, method: str | PruningMethod, *, sync_timing: bool = 
     benchmark sets it; it costs two synchronisations per prefill).
     """
     method_obj = resolve_method(model, method, **params)
-    attn = getattr(model.config, "_attn_implementation", None)
+    attn = adapter_for(model).attn_implementation
     if attn not in (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3"):
         raise ValueError(f"ivcp supports the sdpa, eager and flash-attention implementations, not {attn!r}")
     if model in _ACTIVE:

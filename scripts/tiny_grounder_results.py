@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ivcp  # noqa: E402
+from ivcp.compat import CACHE_KWARG, output_cache  # noqa: E402
 from ivcp.data.grounding import make_sample  # noqa: E402
 from ivcp.eval.grounding import ground_truth, iou, paper_iou, paper_prediction, parse_box  # noqa: E402
 from ivcp.testing import GROUNDER_DIR, tiny_grounder  # noqa: E402
@@ -84,13 +85,13 @@ def held_out(processor, n: int, seed: int) -> list[dict]:
 def greedy(model, inputs: dict, eos: int, max_new_tokens: int = 40) -> list[int]:
     """Greedy decoding with the KV cache (positions restored by the engine on a pruned cache)."""
     out = model(**inputs, use_cache=True)
-    cache, tokens = out.past_key_values, []
+    cache, tokens = output_cache(out), []
     for _ in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         if token == eos:
             break
         tokens.append(token)
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]]), **{CACHE_KWARG: cache}, use_cache=True)
     return tokens
 
 

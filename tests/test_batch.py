@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ivcp
+from ivcp.compat import CACHE_KWARG, output_cache
 from ivcp.config import authors_params
 from ivcp.testing import make_batch_inputs, make_image, make_inputs
 
@@ -159,7 +160,7 @@ def test_batch_record(family="qwen2_5_vl"):
     model, processor = get_model(family)
     batch = make_batch_inputs(processor, three_rows())
     with torch.no_grad(), ivcp.prune(model, "fastv", keep_ratio=0.5, selection_layer=2) as session:
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = output_cache(model(**batch, use_cache=True))
     last = session.last
     assert last.batch_size == 3 and [r.padding for r in last] == [int((m == 0).sum()) for m in batch["attention_mask"]]
     with pytest.raises(AttributeError, match=r"session.last\[b\].kept"):
@@ -197,7 +198,8 @@ def test_a_decode_mask_that_does_not_cover_the_sequence_is_refused():
         step = out.logits[:, -1:].argmax(-1)
         short = torch.ones(3, session.last.cache_lengths[0] + 1, dtype=torch.long)  # the pruned length: wrong
         with pytest.raises(ValueError, match="unpruned sequence"):
-            model(input_ids=step, past_key_values=out.past_key_values, attention_mask=short, use_cache=True)
+            model(input_ids=step, **{CACHE_KWARG: output_cache(out)}, attention_mask=short,
+                  use_cache=True)
 
 
 def test_a_row_of_only_padding_is_refused():
@@ -206,3 +208,67 @@ def test_a_row_of_only_padding_is_refused():
     batch["attention_mask"][1] = 0
     with torch.no_grad(), ivcp.prune(model, "ivc_prune"), pytest.raises(ValueError, match="all padding"):
         model(**batch)
+
+
+def equal_length_rows(processor) -> list[dict]:
+    """Two rows of one length whose images differ in size (so their kept sets differ in length): the
+    model's own mask is plain causal (None under sdpa and flash-attention), the pruned layout is padded."""
+    rows = [dict(prompt="Where is the largest shape?", images=[make_image(seed=4)]),
+            dict(prompt="Which colour?", images=[make_image(160, 112, seed=7)])]
+    lengths = [make_inputs(processor, **row)["input_ids"].shape[1] for row in rows]
+    rows[1]["prompt"] += " " * (lengths[0] - lengths[1])  # the byte tokenizer: one token per byte
+    assert make_inputs(processor, **rows[1])["input_ids"].shape[1] == lengths[0]
+    return rows
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["ivc_prune", "fastv", "pdrop"])
+def test_rows_of_one_length_with_different_budgets(method, attn):
+    model, processor = get_model("qwen2_5_vl", attn)
+    session = check_rows_like_alone(model, processor, equal_length_rows(processor), method)
+    assert [r.padding for r in session.last] == [0, 0]
+    assert len({r.kept.numel() for r in session.last}) == 2
+
+
+def emulated_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """flash-attention's semantics on the CPU: a 2-D padding mask (or None), causal aligned to the last key,
+    padding queries give zeros. (The oracle's own 4-D masks are applied as sdpa would.)"""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    batch, heads, queries, dim = query.shape
+    keys = key.shape[2]
+    key = key.repeat_interleave(heads // key.shape[1], 1)
+    value = value.repeat_interleave(heads // value.shape[1], 1)
+    allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None].expand(batch, 1, -1, -1)
+    real_queries = torch.ones(batch, queries, dtype=torch.bool)
+    if attention_mask is not None:
+        assert attention_mask.shape == (batch, keys), "flash-attention takes a (batch, keys) padding mask"
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        real_queries = attention_mask.bool()[:, -queries:]
+    probs = ((query @ key.transpose(-1, -2)) * (scaling or dim ** -0.5)).masked_fill(~allowed, float("-inf"))
+    out = probs.softmax(-1).nan_to_num(0.0) @ value * real_queries[:, None, :, None]
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash_attention_emulated():
+    """The tiny Qwen2.5-VL's decoder on the emulated flash-attention (its 2-D masks and None), restored after."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, processor = get_model("qwen2_5_vl")
+    ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = emulated_flash_attention
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    try:
+        yield model, processor
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
+        model.config.text_config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("method", ["ivc_prune", "fastv", "pdrop", "vscan"])
+def test_flash_attention_masks(flash_attention_emulated, method):
+    model, processor = flash_attention_emulated
+    check_rows_like_alone(model, processor, three_rows(), method)  # left padding: 2-D masks
+    check_rows_like_alone(model, processor, equal_length_rows(processor), method)  # no padding: None, then 2-D

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ivcp
+from ivcp.compat import CACHE_KWARG, output_cache
 from ivcp.testing import make_image, make_inputs
 
 from conftest import get_model
@@ -75,11 +76,11 @@ def test_manual_decode_without_position_ids_uses_unpruned_positions(family):
     steps, tokens, logits = 4, [], []
     with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.3) as session:
         out = model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for _ in range(steps):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **{CACHE_KWARG: cache}, use_cache=True)
             logits.append(out.logits[0, -1])
     generated = torch.cat(tokens, dim=1)[0]
     # logits after feeding generated[i] are the oracle's at prompt + i + 1 tokens; one extra token
@@ -95,13 +96,13 @@ def test_kv_lengths_per_policy(family):
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():
         with ivcp.prune(model, "ivc_prune", keep_ratio=0.5, selection_layer=2) as ivc:
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = output_cache(model(**inputs, use_cache=True))
         kept = ivc.last.kept.numel()
         assert [layer.keys.shape[-2] for layer in cache.layers] == [kept] * 4 == ivc.last.kv_lengths
         assert [layer.values.shape[-2] for layer in cache.layers] == [kept] * 4
         assert ivc.last.visual_kv_share == pytest.approx(ivc.last.n_visual_kept / ivc.last.n_visual)
         with ivcp.prune(model, "fastv", keep_ratio=0.5, selection_layer=2) as fastv:
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = output_cache(model(**inputs, use_cache=True))
         kept = fastv.last.kept.numel()
         assert [layer.keys.shape[-2] for layer in cache.layers] == [n, n, kept, kept] == fastv.last.kv_lengths
         assert fastv.last.visual_kv_share == pytest.approx((2 * 48 + 2 * 24) / (4 * 48))

@@ -120,6 +120,11 @@ class ModelAdapter:
         return getattr(self.model.config, "text_config", self.model.config)
 
     @property
+    def attn_implementation(self) -> str | None:
+        """The decoder's attention implementation ("sdpa", "eager", "flash_attention_2", …)."""
+        return getattr(self._text_config, "_attn_implementation", None)
+
+    @property
     def num_heads(self) -> int:
         return self._text_config.num_attention_heads
 
