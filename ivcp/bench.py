@@ -481,7 +481,8 @@ def throughput_markdown(report: dict) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> Path | None:
-    """Prefill time and KV bytes against the visual tokens kept, one line per method."""
+    """Prefill time and KV bytes against the visual tokens kept, one line per method; with several batch
+    sizes, throughput and KV bytes against the batch size instead."""
     try:
         import matplotlib
 
@@ -489,6 +490,8 @@ def plot(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if len({r.get("batch", 1) for r in report["rows"]}) > 1:
+        return _plot_batches(report, path, plt)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = sorted({r["method"] for r in report["rows"]}, key=lambda m: (m != VANILLA, m))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -505,6 +508,33 @@ def plot(report: dict, path: Path) -> Path | None:
             axes[1].plot(x, [r["kv_bytes"] / 1e6 for r in rows], **style)
     axes[0].set(xlabel="visual KV kept (%)", ylabel="prefill (ms, median)", title="Prefill")
     axes[1].set(xlabel="visual KV kept (%)", ylabel="KV cache (MB)", title="KV cache after prefill")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{report['model']} on {report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_batches(report: dict, path: Path, plt) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = list(dict.fromkeys(r["label"] for r in report["rows"]))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+    for s_index, size in enumerate(sorted({tuple(r["image_size"]) for r in report["rows"]})):
+        for label in labels:
+            rows = sorted((r for r in report["rows"] if r["label"] == label and tuple(r["image_size"]) == size),
+                          key=lambda r: r["batch"])
+            if not rows:
+                continue
+            style = dict(marker="os^v"[s_index % 4], linestyle=["-", "--", ":", "-."][s_index % 4],
+                         color=colours[label], label=f"{label} {size[1]}×{size[0]}")
+            batches = [r["batch"] for r in rows]
+            axes[0].plot(batches, [r["tokens_per_s"]["median"] for r in rows], **style)
+            axes[1].plot(batches, [r["kv_bytes"] / 1e6 for r in rows], **style)
+    for axis in axes:
+        axis.set_xscale("log", base=2)
+    axes[0].set(xlabel="batch size", ylabel="tokens/s (median, whole generate)", title="Throughput")
+    axes[1].set(xlabel="batch size", ylabel="KV cache after prefill (MB)", title="KV cache of the batch")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{report['model']} on {report['device']}", fontsize=9)
     fig.tight_layout()

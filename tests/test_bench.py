@@ -237,6 +237,7 @@ def test_cli_bench_batch_sizes(tmp_path):
                  "--out", str(tmp_path)]) == 0
     table = (tmp_path / "bench.md").read_text()
     assert "## Throughput by batch size" in table and "## Sequences that fit in 1 GiB" in table
+    assert (tmp_path / "bench.png").stat().st_size > 0  # throughput against the batch size
     report = json.loads((tmp_path / "bench.json").read_text())
     assert sorted({r["batch"] for r in report["rows"]}) == [1, 2]
     assert [c["label"] for c in report["capacity"]] == ["vanilla", "ivc_prune"]
