@@ -528,6 +528,12 @@ class PruneSession:
                 raise ValueError("a row of the batch is all padding (its attention_mask is all zeros)")
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
                                     kwargs.get("image_sizes"), padding)
+        if padding is not None and kwargs.get("position_ids") is None and self.adapter.position_rows == 1:
+            # 1-D RoPE numbers a padded row from its first pad when no ids are given: the unpruned model does not
+            # mind (RoPE is relative), but methods that read absolute positions (IVC) would choose differently
+            # than for the row alone. Number each row from its first real token, as generate() does.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(padding, 1)
+            return args, kwargs
         return None
 
     def _continue(self, cache, past: int, kwargs) -> bool:
@@ -547,7 +553,8 @@ class PruneSession:
         if kwargs.get("position_ids") is None:
             start = past + info.seq_len - info.n_layer0
             pos = torch.arange(start, start + length, device=ref.device)[None, :] + info.rope_delta.to(ref.device)
-            kwargs["position_ids"] = pos[None].expand(info.rows, batch, length)
+            # 1-D RoPE takes (B, T) ids; M-RoPE (rows, B, T)
+            kwargs["position_ids"] = pos.expand(batch, length) if info.rows == 1 else pos[None].expand(info.rows, batch, length)
         return True
 
     def _on_text_model(self, module, args, kwargs):

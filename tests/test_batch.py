@@ -272,3 +272,32 @@ def test_flash_attention_masks(flash_attention_emulated, method):
     model, processor = flash_attention_emulated
     check_rows_like_alone(model, processor, three_rows(), method)  # left padding: 2-D masks
     check_rows_like_alone(model, processor, equal_length_rows(processor), method)  # no padding: None, then 2-D
+
+
+@pytest.mark.parametrize("method", ["ivc_prune", "fastv"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_a_hand_written_batched_loop_decodes_each_row_as_alone(family, method):
+    """A decode loop that passes the growing attention mask but no position ids: the engine gives each row
+    the positions it has alone (transformers would count them from the shorter cache). The loop feeds
+    each row the tokens it generates alone."""
+    model, processor = get_model(family)
+    rows = three_rows()
+    alone = []
+    for row in rows:
+        single = make_inputs(processor, **row)
+        row_logits, sequences, _ = _generate(model, single, method, {})
+        alone.append((row_logits[0], sequences[0, single["input_ids"].shape[1]:]))
+    tokens = torch.stack([generated for _, generated in alone])  # (rows, STEPS)
+    batch = make_batch_inputs(processor, rows)
+    logits = []
+    with torch.no_grad(), ivcp.prune(model, method):
+        out = model(**batch, use_cache=True)
+        cache, mask = output_cache(out), batch["attention_mask"]
+        for step in range(STEPS):
+            logits.append(out.logits[:, -1])
+            mask = torch.cat([mask, torch.ones_like(tokens[:, :1])], dim=1)
+            out = model(input_ids=tokens[:, step: step + 1], attention_mask=mask, use_cache=True,
+                        **{CACHE_KWARG: cache})
+    logits = torch.stack(logits, dim=1)
+    for b, (row_logits, _) in enumerate(alone):
+        torch.testing.assert_close(logits[b], row_logits, atol=1e-4, rtol=0)
