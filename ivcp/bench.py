@@ -482,7 +482,7 @@ def throughput_markdown(report: dict) -> list[str]:
 
 def plot(report: dict, path: Path) -> Path | None:
     """Prefill time and KV bytes against the visual tokens kept, one line per method; with several batch
-    sizes, throughput and KV bytes against the batch size instead."""
+    sizes, throughput and KV bytes against the batch size, one line per method and setting."""
     try:
         import matplotlib
 
@@ -490,51 +490,35 @@ def plot(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    kv = (lambda r: r["kv_bytes"] / 1e6)  # noqa: E731
     if len({r.get("batch", 1) for r in report["rows"]}) > 1:
-        return _plot_batches(report, path, plt)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    methods = sorted({r["method"] for r in report["rows"]}, key=lambda m: (m != VANILLA, m))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for s_index, size in enumerate(sorted({tuple(r["image_size"]) for r in report["rows"]})):
-        for method in methods:
-            rows = sorted((r for r in report["rows"] if r["method"] == method and tuple(r["image_size"]) == size),
-                          key=lambda r: r["visual_kv_share"])
-            if not rows:
-                continue
-            x = [100 * r["visual_kv_share"] for r in rows]
-            style = dict(marker="os^v"[s_index % 4], linestyle=["-", "--", ":", "-."][s_index % 4],
-                         color=colours[method], label=f"{method} {size[1]}×{size[0]}")
-            axes[0].plot(x, [r["prefill_ms"]["median"] for r in rows], **style)
-            axes[1].plot(x, [r["kv_bytes"] / 1e6 for r in rows], **style)
-    axes[0].set(xlabel="visual KV kept (%)", ylabel="prefill (ms, median)", title="Prefill")
-    axes[1].set(xlabel="visual KV kept (%)", ylabel="KV cache (MB)", title="KV cache after prefill")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{report['model']} on {report['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        panels = [(lambda r: r["tokens_per_s"]["median"], "tokens/s (median, whole generate)", "Throughput"),
+                  (kv, "KV cache after prefill (MB)", "KV cache of the batch")]
+        return _draw(report, path, plt, "label", lambda r: r["batch"], "batch size", panels, log_x=True)
+    panels = [(lambda r: r["prefill_ms"]["median"], "prefill (ms, median)", "Prefill"),
+              (kv, "KV cache (MB)", "KV cache after prefill")]
+    return _draw(report, path, plt, "method", lambda r: 100 * r["visual_kv_share"], "visual KV kept (%)", panels)
 
 
-def _plot_batches(report: dict, path: Path, plt) -> Path:
+def _draw(report: dict, path: Path, plt, series: str, x, x_label: str, panels, log_x: bool = False) -> Path:
+    """Two panels of lines: one line per ``series`` value (vanilla first) and image size, ``x`` against each
+    panel's value."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels = list(dict.fromkeys(r["label"] for r in report["rows"]))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+    names = sorted(dict.fromkeys(r[series] for r in report["rows"]), key=lambda m: m != VANILLA)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(names)}
     for s_index, size in enumerate(sorted({tuple(r["image_size"]) for r in report["rows"]})):
-        for label in labels:
-            rows = sorted((r for r in report["rows"] if r["label"] == label and tuple(r["image_size"]) == size),
-                          key=lambda r: r["batch"])
+        for name in names:
+            rows = sorted((r for r in report["rows"] if r[series] == name and tuple(r["image_size"]) == size), key=x)
             if not rows:
                 continue
             style = dict(marker="os^v"[s_index % 4], linestyle=["-", "--", ":", "-."][s_index % 4],
-                         color=colours[label], label=f"{label} {size[1]}×{size[0]}")
-            batches = [r["batch"] for r in rows]
-            axes[0].plot(batches, [r["tokens_per_s"]["median"] for r in rows], **style)
-            axes[1].plot(batches, [r["kv_bytes"] / 1e6 for r in rows], **style)
-    for axis in axes:
-        axis.set_xscale("log", base=2)
-    axes[0].set(xlabel="batch size", ylabel="tokens/s (median, whole generate)", title="Throughput")
-    axes[1].set(xlabel="batch size", ylabel="KV cache after prefill (MB)", title="KV cache of the batch")
+                         color=colours[name], label=f"{name} {size[1]}×{size[0]}")
+            for axis, (value, _, _) in zip(axes, panels):
+                axis.plot([x(r) for r in rows], [value(r) for r in rows], **style)
+    for axis, (_, y_label, title) in zip(axes, panels):
+        axis.set(xlabel=x_label, ylabel=y_label, title=title)
+        if log_x:
+            axis.set_xscale("log", base=2)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{report['model']} on {report['device']}", fontsize=9)
     fig.tight_layout()
