@@ -24,7 +24,7 @@ import torch
 
 from . import analytic
 from .compat import output_cache
-from .adapters.qwen2_5_vl import smart_resize
+from .adapters.qwen2_5_vl import smart_resize  # noqa: F401  (bench.smart_resize: the resize rule the inputs follow)
 
 VANILLA = "vanilla"
 

@@ -38,7 +38,7 @@ import ivcp
 
 from .eval import stats
 from .eval.grounding import (FAMILY_CONVENTION, GROUNDING_SPLITS, check_grounding_rows, ground_truth, grounding_layout,
-                             grounding_prompt, grounding_scores, iou, paper_iou, paper_prediction, parse_box, smart_resize)
+                             grounding_prompt, grounding_scores, paper_iou, paper_prediction, parse_box, smart_resize)
 from .eval.protocol import MODELS, all_run_names, generate_kwargs, parse_run_name
 
 # --- models -------------------------------------------------------------------------------------

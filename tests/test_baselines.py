@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ivcp
-from ivcp.adapters import RopeSpec, Segment
+from ivcp.adapters import Segment
 from ivcp.methods.adaptprune import adaptive_nms, centre_prior
 from ivcp.methods.fastv import FastV
 from ivcp.methods.vscan import merge_into_kept, windowed_top

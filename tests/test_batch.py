@@ -12,7 +12,7 @@ from ivcp.config import authors_params
 from ivcp.testing import make_batch_inputs, make_image, make_inputs
 
 from conftest import get_model
-from oracle import oracle_logits, record_stages, trimmed_layers, vscan_embedding_updates
+from oracle import oracle_logits, record_stages, vscan_embedding_updates
 from test_families import FAMILIES, METHODS
 
 STEPS = 4

@@ -165,7 +165,7 @@ def test_internvl_synthetic_inputs_tile_like_the_processor():
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 48
     segments = ivcp.adapters.adapter_for(model).segments(inputs["input_ids"][0], image_sizes=inputs["image_sizes"])
     assert [s.layout for s in segments] == [(1, 2)] * 3
-    v = model.config.vision_config  # 3 tiles of 64 patches + CLS, width 32, MLP 64, 3 blocks; projector 16 tokens
+    # 3 tiles of 64 patches + CLS, width 32, MLP 64, 3 blocks; projector 16 tokens
     expected = 3 * (analytic.vit_flops(65, 32, 64, 3) + 2 * 16 * (4 * 32 * 64 + 64 * 64))
     assert ivcp.adapters.adapter_for(model).vision_flops(inputs) == expected
 

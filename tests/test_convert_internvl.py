@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 

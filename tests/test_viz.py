@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from ivcp import viz
 from ivcp.adapters import RopeSpec

@@ -20,7 +20,7 @@ from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin  # noqa: E402
 from ivcp import vlmeval_plugin as plugin  # noqa: E402
 from ivcp.data.grounding import make_grounding  # noqa: E402
 from ivcp.eval import stats  # noqa: E402
-from ivcp.eval.protocol import MODELS, all_run_names  # noqa: E402
+from ivcp.eval.protocol import all_run_names  # noqa: E402
 from ivcp.testing import make_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

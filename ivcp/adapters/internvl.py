@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
+from .base import ModelAdapter, Segment, mean_received, register_adapter
 
 
 def tile_grid(height: int, width: int, min_tiles: int = 1, max_tiles: int = 6, tile_size: int = 448,

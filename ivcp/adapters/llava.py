@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
+from .base import ModelAdapter, Segment, mean_received, register_adapter
 
 
 @register_adapter

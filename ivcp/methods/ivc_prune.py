@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..patterns import PATTERNS, pattern_tokens
-from ..scoring import (IVC_MODES, count, fill_to_budget, foreground_from_rows, foreground_scores, ivc_scores,
+from ..scoring import (IVC_MODES, fill_to_budget, foreground_from_rows, foreground_scores, ivc_scores,
                        ivc_token_set, keep_count, top_k)
 from .base import PruningMethod, check_choice
 from .registry import register_method
