@@ -301,3 +301,16 @@ def test_a_hand_written_batched_loop_decodes_each_row_as_alone(family, method):
     logits = torch.stack(logits, dim=1)
     for b, (row_logits, _) in enumerate(alone):
         torch.testing.assert_close(logits[b], row_logits, atol=1e-4, rtol=0)
+
+
+def test_a_family_that_cannot_split_a_batchs_grids_says_so():
+    """The base adapter takes all grids for one row; with more rows it names what the family's adapter lacks."""
+    from ivcp.adapters.base import ModelAdapter
+
+    model, _ = get_model("qwen2_5_vl")
+    base = ModelAdapter(model)
+    grids = torch.tensor([[1, 4, 4]])
+    assert base.split_visual_inputs(torch.zeros(1, 5, dtype=torch.long), grids, None, None) == [(grids, None, None)]
+    assert base.split_visual_inputs(torch.zeros(2, 5, dtype=torch.long), None, None, None) == [(None, None, None)] * 2
+    with pytest.raises(NotImplementedError, match="split_visual_inputs"):
+        base.split_visual_inputs(torch.zeros(2, 5, dtype=torch.long), grids, None, None)

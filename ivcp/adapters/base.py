@@ -247,7 +247,7 @@ class ModelAdapter:
             return [(image_grid_thw, video_grid_thw, image_sizes)]
         if image_grid_thw is None and video_grid_thw is None and image_sizes is None:
             return [(None, None, None)] * input_ids.shape[0]
-        raise NotImplementedError(f"{type(self).__name__} cannot split a batch's image grids or sizes by row")
+        raise self._lacks("way to tell which batch row each image grid or size belongs to (split_visual_inputs)")
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                  video_grid_thw: torch.Tensor | None, position_ids: torch.Tensor | None = None,
