@@ -35,6 +35,7 @@ from .compat import cache_kwarg, output_cache
 from .adapters import ModelAdapter, Segment, adapter_for
 from .layout import TokenLayout, causal_mask, decode_mask, gather_columns, hide_padding, masked_value
 from .methods import PruningMethod, make_method
+from .selection import SelectionContext
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -200,95 +201,23 @@ class _PrefillState:
         self.selection_seconds = 0.0
 
 
-class SelectionContext:
-    """A method's view of one prompt (one batch row) at a selection layer K. All token indices are
-    positions in that row of the input sequence ("global"); tensors keep a batch dimension of one first."""
+class HookContext(SelectionContext):
+    """The selection context of the Hugging Face hooks: one batch row of the prefill in flight, its signals
+    read from the layers' inputs and the KV cache the model is filling."""
 
     def __init__(self, session: "PruneSession", state: _PrefillState, layer: int, row: int = 0):
-        self._session, self._state, self.layer, self.row = session, state, layer, row
-        self.stage = session.stage_layers.index(layer)  # 0 for the first selection, 1 for the next…
-        self.rope = session.adapter.rope
-        self._alive = state.layout.row(row)
-
-    # --- the prompt ---------------------------------------------------------------------------
-    @property
-    def segments(self) -> list[Segment]:
-        return self._state.segments[self.row]
-
-    @property
-    def units(self) -> list[list[Segment]]:
-        """The segments grouped by image / frame (a tiled image's tiles and thumbnail together), in order."""
-        groups: dict[tuple, list[Segment]] = {}
-        for seg in self.segments:
-            groups.setdefault(seg.unit, []).append(seg)
-        return list(groups.values())
-
-    @property
-    def device(self) -> torch.device:
-        return self._state.input_ids.device
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """(1, S) this row's input ids."""
-        return self._state.input_ids[self.row: self.row + 1]
-
-    @property
-    def last_token(self) -> int:
-        """Index of the last prompt token (the one that generates)."""
-        return self._state.last_tokens[self.row]
-
-    @property
-    def alive(self) -> torch.Tensor:
-        """Sorted indices of the tokens the layers before K processed (the row's pad tokens excluded)."""
-        return self._alive
-
-    def visual_tokens(self, segment: Segment | None = None) -> torch.Tensor:
-        """Sorted indices of the visual tokens still present (of one segment, or of all)."""
-        alive = self._alive
-        mask = self._state.visual[self.row, alive]
-        if segment is not None:
-            mask &= (alive >= segment.start) & (alive < segment.end)
-        return alive[mask]
-
-    def positions(self, segment: Segment) -> torch.Tensor:
-        """Rotary position ids of a segment's tokens: (3, N) for M-RoPE, (N,) for 1-D RoPE."""
-        pos = self._state.position_ids[:, self.row, segment.start: segment.end]
-        return pos[0] if pos.shape[0] == 1 else pos
-
-    def text_queries(self, segment: Segment, offset: int = 0) -> torch.Tensor:
-        """Text tokens that query a segment: those after it up to the end of the prompt (vision
-        markup and other visual tokens excluded); if none, those before it in the same chat turn.
-        ``offset`` k: only those from ``segment.end + k`` on (the authors' code starts at k = 2)."""
-        state, adapter = self._state, self._session.adapter
-        ids = state.input_ids[self.row]
-        index = torch.arange(state.seq_len, device=ids.device)
-        markers = torch.tensor(sorted(adapter.marker_token_ids), device=ids.device)
-        text = ~state.visual[self.row] & ~torch.isin(ids, markers) & state.initial_layout.valid[self.row]
-        after = text & (index >= segment.end + offset)
-        if after.any():
-            return index[after]
-        before = text & (index < segment.start)
-        ends = torch.tensor(sorted(adapter.turn_end_token_ids), device=ids.device)
-        turn_ends = index[torch.isin(ids, ends) & (index < segment.start)]
-        if turn_ends.numel():
-            before &= index > turn_ends.max()
-        if not before.any():
-            raise ValueError(f"no text tokens around the visual segment at {segment.start}:{segment.end} "
-                             "to use as queries")
-        return index[before]
+        self._session, self._state = session, state
+        adapter = session.adapter
+        super().__init__(
+            layer=layer, stage=session.stage_layers.index(layer), rope=adapter.rope, input_ids=state.input_ids[row],
+            segments=state.segments[row], visual=state.visual[row], alive=state.layout.row(row),
+            position_ids=state.position_ids[:, row], last_token=state.last_tokens[row],
+            marker_token_ids=adapter.marker_token_ids, turn_end_token_ids=adapter.turn_end_token_ids,
+            valid=state.initial_layout.valid[row], marks=state.marks[row], row=row,
+            attention_scale=lambda index: adapter.attention_scale(adapter.layers[index]))
 
     def update_hidden(self, tokens, values: torch.Tensor) -> None:
-        """Replace the hidden states of ``tokens`` (kept ones) before layer K, e.g. to merge dropped
-        tokens into them. ``values`` is (1, T, hidden)."""
         self._state.hidden_updates.append((self.row, self._columns(tokens), values))
-
-    def mark(self, name: str, tokens: torch.Tensor) -> None:
-        """Record named token sets (e.g. "ivc", "seed") in ``session.last.marks``."""
-        self._state.marks[self.row].setdefault(name, []).append(tokens.detach().to(torch.long).flatten())
-
-    # --- signals from the model -------------------------------------------------------------
-    def _tokens(self, tokens) -> torch.Tensor:
-        return torch.as_tensor(tokens, device=self.device, dtype=torch.long).flatten()
 
     def _columns(self, tokens) -> torch.Tensor:
         """Columns of the current layers' tensors (hidden states, rotary, layer K−1's cache) holding ``tokens``."""
@@ -300,18 +229,15 @@ class SelectionContext:
             raise ValueError("asked for signals of tokens that were already pruned")
         return cols
 
-    def _check_layer(self, layer: int) -> int:
-        if layer not in (self.layer - 1, self.layer) or layer < 0:
-            raise ValueError(f"signals are available from layers {self.layer - 1} and {self.layer} only "
-                             f"(selection at layer {self.layer}), not {layer}")
-        return layer
+    def _check_present(self, tokens) -> torch.Tensor:
+        self._columns(tokens)
+        return self._tokens(tokens)
 
     def _row_of(self, x: torch.Tensor) -> torch.Tensor:
         """This row of a batch-first tensor (a broadcast batch of one serves every row)."""
         return x[self.row: self.row + 1] if x.shape[0] > 1 else x
 
     def _projection(self, which: str, layer: int, tokens, norm: bool = True, rotary: bool = True) -> torch.Tensor:
-        """(1, heads, T, d) projection ``which`` ∈ {q, k, v} of layer ``layer``'s input at ``tokens``."""
         adapter = self._session.adapter
         module = adapter.layers[layer]
         cols = self._columns(tokens)
@@ -324,26 +250,23 @@ class SelectionContext:
             out = adapter.rotate(out, cos.to(out.dtype), sin.to(out.dtype))
         return out
 
-    def _cached(self, layer: int):
+    def _cached(self, which: str, layer: int, tokens) -> torch.Tensor | None:
         cache = self._state.cache
         if cache is None or layer != self.layer - 1 or len(cache.layers) <= layer:
             return None
-        return cache.layers[layer]
+        entries = cache.layers[layer].keys if which == "k" else cache.layers[layer].values
+        return entries[self.row: self.row + 1, :, self._columns(tokens)]
 
     @torch.no_grad()
     def hidden_states(self, tokens) -> torch.Tensor:
-        """Input hidden states of layer K at ``tokens``, (1, T, hidden), in the model's dtype. At K = 0
-        these are the input embeddings: the vision tower's merged features for visual tokens."""
         return self._state.hidden_inputs[self.layer][self.row: self.row + 1, self._columns(tokens)]
 
     @property
     def vision_local_block(self) -> int:
-        """The model's default local-attention vision block (Qwen2.5-VL: its first full-attention block)."""
         return self._session.adapter.vision_local_block
 
     @property
     def vision_global_block(self) -> int:
-        """The last vision block whose output reaches the LLM."""
         return self._session.adapter.vision_global_block
 
     @property
@@ -352,59 +275,7 @@ class SelectionContext:
 
     @torch.no_grad()
     def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
-        """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
-        queries, pooled over each merge group), (N,) in the segment's raster order."""
         return self._session.vision_attention(self._state.segments, block)[(self.row, segment)]
-
-    @torch.no_grad()
-    def values(self, tokens, layer: int | None = None, norm: bool = True) -> torch.Tensor:
-        """Value vectors (v_proj output, no rotary) of layer K−1, float32, (1, kv_heads, T, d); with
-        ``norm=False``, of the layer's input without its input norm (the authors' InternVL code)."""
-        layer = self._check_layer(self.layer - 1 if layer is None else layer)
-        cached = self._cached(layer)
-        if cached is not None and norm:
-            return cached.values[self.row: self.row + 1, :, self._columns(tokens)].float()
-        return self._projection("v", layer, tokens, norm=norm).float()
-
-    @torch.no_grad()
-    def keys(self, tokens, layer: int | None = None, norm: bool = True, rotary: bool = True) -> torch.Tensor:
-        """Key vectors of a layer's input (K−1 by default), float32, (1, kv_heads, T, d)."""
-        layer = self._check_layer(self.layer - 1 if layer is None else layer)
-        cached = self._cached(layer)
-        if cached is not None and norm and rotary:
-            return cached.keys[self.row: self.row + 1, :, self._columns(tokens)].float()
-        return self._projection("k", layer, tokens, norm=norm, rotary=rotary).float()
-
-    @torch.no_grad()
-    def queries(self, tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
-        """Query vectors of a layer's input (K−1 by default), float32, (1, heads, T, d)."""
-        layer = self._check_layer(self.layer - 1 if layer is None else layer)
-        return self._projection("q", layer, tokens, rotary=rotary).float()
-
-    @torch.no_grad()
-    def attention(self, query_tokens, key_tokens, layer: int | None = None, rotary: bool = True) -> torch.Tensor:
-        """Attention probabilities of ``query_tokens`` to ``key_tokens`` at a layer, (1, heads, Q, T).
-
-        Softmax runs over every present key the query sees (causal), as in the model; only the
-        requested columns are returned. Computed from q and the (cached) keys: O(Q·S) work.
-        """
-        layer = self.layer - 1 if layer is None else layer
-        alive = self._alive
-        q = self.queries(query_tokens, layer, rotary=rotary)
-        k = self.keys(alive, layer, rotary=rotary)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scale = self._session.adapter.attention_scale(self._session.adapter.layers[layer])
-        logits = (q @ k.transpose(-1, -2)) * scale  # (1, H, Q, S_alive)
-        hidden = alive[None, :] > self._tokens(query_tokens)[:, None]
-        probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)
-        self._columns(key_tokens)  # present ones only
-        return probs[..., torch.searchsorted(alive, self._tokens(key_tokens))]
-
-    def last_token_attention(self, layer: int | None = None, rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(present visual tokens, the last prompt token's attention to each, mean over heads) at a layer
-        (K−1 by default): the score of FastV and of the methods built on it."""
-        visual = self.visual_tokens()
-        return visual, self.attention([self.last_token], visual, layer, rotary)[0].mean(0)[0]
 
 
 class PruneSession:
@@ -635,7 +506,7 @@ class PruneSession:
         if not state.segments[row]:
             return alive
         started = time.perf_counter()
-        chosen = self.method.select(SelectionContext(self, state, layer, row))
+        chosen = self.method.select(HookContext(self, state, layer, row))
         state.row_seconds[row] += time.perf_counter() - started
         chosen = torch.as_tensor(chosen, dtype=torch.long, device=alive.device).flatten()
         alive_visual = alive[state.visual[row, alive]]

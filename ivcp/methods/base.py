@@ -1,7 +1,7 @@
 """The base class every pruning method derives from.
 
 A method is a dataclass of its parameters plus one selection function. It sees the prompt only
-through a :class:`~ivcp.engine.SelectionContext` (segments, positions, value vectors, attention rows)
+through a :class:`~ivcp.selection.SelectionContext` (segments, positions, value vectors, attention rows)
 and returns which visual tokens to keep; the engine does everything else (hooks, slicing, cache).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapters.base import Segment
-    from ..engine import SelectionContext
+    from ..selection import SelectionContext
 
 
 @dataclass
