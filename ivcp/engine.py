@@ -117,6 +117,9 @@ class _CacheInfo:
     layouts: list[TokenLayout]  # per layer: the prompt tokens its cache holds
     columns: list[torch.Tensor | None]  # per layer: their columns in layer 0's layout (None: the same layout)
     attn_implementation: str | None
+    # (layers, B): how far below the unpruned ids each layer numbered the prompt's last token (a method that
+    # renumbers positions, e.g. PDrop's): decode tokens at that layer move down as far. None: nothing moved.
+    shifts: torch.Tensor | None = None
 
     @property
     def n_layer0(self) -> int:
@@ -190,6 +193,8 @@ class _PrefillState:
         self.hidden_inputs: dict[int, torch.Tensor] = {}
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current layout
         self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use (rows, B, L)
+        self.current_shift: torch.Tensor | None = None  # (B,) original − current id of each row's last token
+        self.layer_shifts: dict[int, torch.Tensor] = {}  # layer → current_shift when it ran (renumbering only)
         self.hidden_updates: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, columns, values)
         # layer → ((T, 2) [row, input index], (T, hidden) features) added to that layer's input
         self.additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -417,6 +422,7 @@ class PruneSession:
         self.last: BatchRecord | None = None
         self._state: _PrefillState | None = None
         self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
+        self._decode_positions: torch.Tensor | None = None  # (rows, B, T) unpruned ids of a forward on it
         self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
         self._handles: list[Any] = []
         self._vision_blocks = method.vision_blocks(adapter)
@@ -560,6 +566,14 @@ class PruneSession:
     def _on_text_model(self, module, args, kwargs):
         state = self._state
         if state is None:
+            if self._decoding is not None and self._decoding.shifts is not None:
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    raise ValueError("ivcp decodes a cache with renumbered positions from the position ids the "
+                                     "model passes its decoder stack; this forward passed none")
+                rows = self.adapter.position_rows
+                pos = pos[None] if pos.dim() == 2 else pos[1:] if pos.shape[0] == rows + 1 else pos
+                self._decode_positions = pos.expand(rows, *pos.shape[1:])
             return None
         pos = kwargs.get("position_ids")
         rows = self.adapter.position_rows
@@ -604,6 +618,10 @@ class PruneSession:
                 generated = cached - self._decoding.layouts[index].width
                 kwargs["attention_mask"] = self._decoding.layer_mask(index, kwargs.get("attention_mask"), generated,
                                                                      hidden.shape[1], hidden.dtype)
+                shifts = self._decoding.shifts
+                if shifts is not None and bool(shifts[index].any()):  # this layer numbered the prompt lower
+                    pos = self._decode_positions - shifts[index].to(self._decode_positions.device).view(1, -1, 1)
+                    kwargs["position_embeddings"] = self.adapter.rotary_embedding(hidden, pos)
                 return args, kwargs
             return None
         if state.originals is None:
@@ -620,6 +638,8 @@ class PruneSession:
         if index + 1 in self.stage_layers:
             state.hidden_inputs[index] = hidden
         state.layer_layouts[index] = state.layout
+        if state.current_shift is not None:
+            state.layer_shifts[index] = state.current_shift
         if state.layer_kwargs is not None:
             kwargs.update(state.layer_kwargs)
         if args:
@@ -673,6 +693,10 @@ class PruneSession:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
             positions = positions - torch.where(new.valid, shift, 0)[None]
             rotary = self.adapter.rotary_embedding(hidden, positions)
+            # the last column holds each row's last prompt token (rows are left-padded)
+            last = torch.tensor(state.last_tokens, device=positions.device)
+            original = state.position_ids[0].gather(1, last[:, None])[:, 0]
+            state.current_shift = original - positions[0, :, -1]
         else:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
             cos, sin = state.originals["position_embeddings"]
@@ -762,8 +786,12 @@ class PruneSession:
             delta = real.amax(dim=(0, 2)).view(-1, 1) + 1 - state.seq_len
             first = layouts[0]
             columns = [None if layout.same_as(first) else first.columns_of(layout) for layout in layouts]
+            shifts = None
+            if state.layer_shifts:
+                zero = torch.zeros(state.batch, dtype=torch.long, device=pos.device)
+                shifts = torch.stack([state.layer_shifts.get(i, zero).to(pos.device) for i in range(len(layouts))])
             self._caches[cache] = _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
-                                             self.adapter.attn_implementation)
+                                             self.adapter.attn_implementation, shifts)
         return None
 
 

@@ -252,3 +252,37 @@ def test_ivc_union_refuses_a_method_that_does_not_rank():
 def test_all_issue_names_are_registered():
     assert {"ivc_prune", "fastv", "window_fastv", "pdrop", "vscan", "adaptprune", "random", "drop_ivc",
             "ivc_union"} <= set(ivcp.available_methods())
+
+
+# --- PDrop's renumbered positions, decoding included ------------------------------------------------
+
+def test_pdrop_renumber_decodes_at_pdrops_shifted_positions():
+    """PDrop's decode loop (modeling_llama_pdrop.py) moves position_ids down at each stage's layer by the
+    tokens that stage dropped. LLaVA tiny: 109 prompt tokens (ids 0..108), 64 image tokens; stage at layer 1
+    keeps round(0.6·64) = 38 (26 dropped), stage at layer 3 keeps round(0.5·38) = 19 (19 more). Decode step t
+    (unpruned id 109 + t): layer 0 → 109 + t, layers 1-2 → 83 + t, layer 3 → 64 + t."""
+    model, processor = get_model("llava")
+    adapter = ivcp.adapters.adapter_for(model)
+    inputs = make_inputs(processor, "Where is the largest shape?", images=[make_image(seed=11)])
+    assert inputs["input_ids"].shape[1] == 109
+    seen: dict[int, list] = {i: [] for i in range(4)}
+    with torch.no_grad(), ivcp.prune(model, "pdrop", stage_layers=(1, 3), stage_ratios=(0.6, 0.5),
+                                     position_policy="renumber") as session:
+        # registered after the engine's hooks: they see what the layer gets
+        handles = [layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen[i].append((a[0] if a else k["hidden_states"], k["position_embeddings"])),
+            with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+        try:
+            model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        finally:
+            for h in handles:
+                h.remove()
+    assert [s["n_visual_kept"] for s in session.last.stages] == [38, 19]
+    expected_first = {0: 109, 1: 83, 2: 83, 3: 64}
+    for layer, calls in seen.items():
+        assert len(calls) == 3  # the prefill, then two decode steps
+        for step, (hidden, (cos, sin)) in enumerate(calls[1:]):
+            ids = torch.tensor([[[expected_first[layer] + step]]])
+            want_cos, want_sin = adapter.rotary_embedding(hidden, ids)
+            torch.testing.assert_close(cos, want_cos, atol=0, rtol=0)
+            torch.testing.assert_close(sin, want_sin, atol=0, rtol=0)

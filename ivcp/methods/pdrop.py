@@ -9,10 +9,10 @@ projections and rotary (mean over heads); ``stage_ratios[i]`` of them stay (roun
 at least its best token). Earlier layers keep their KV cache (each layer caches what it processed).
 
 ``position_policy``: ``keep`` (default: kept tokens keep their original ids, best for grounding) or
-``renumber`` (PDrop's code: after each drop, positions close the gap, 0..n−1 for 1-D RoPE; for
-M-RoPE every id of a kept token moves down by the number of tokens dropped before it). Decoding
-uses the unpruned positions either way, as PDrop's code does (positions come from the full layer-0
-cache).
+``renumber`` (PDrop's code, ``modeling_llama_pdrop.py``: after each drop the prompt's positions close the
+gap — 0..n−1 for 1-D RoPE; for M-RoPE every id of a kept token moves down by the number of tokens dropped
+before it — and while decoding, a layer after stage s takes the unpruned ids minus the tokens dropped by
+stages ≤ s, as PDrop's decode loop shifts ``position_ids`` at each stage's layer).
 """
 
 from __future__ import annotations
