@@ -11,7 +11,7 @@ from ivcp.adapters import Segment
 from ivcp.methods.adaptprune import adaptive_nms, centre_prior
 from ivcp.methods.fastv import FastV
 from ivcp.methods.vscan import merge_into_kept, windowed_top
-from ivcp.methods.window_fastv import closest_divisor, window_quota_selection
+from ivcp.methods.window_fastv import window_layout, window_quota_selection, window_side
 from ivcp.scoring import ivc_scores, ivc_token_set
 from ivcp.testing import make_image, make_inputs
 
@@ -58,18 +58,71 @@ def test_top_covering_gives_every_image_a_token():
     assert sorted(top_covering(ranked, 1, segments).tolist()) == [0, 10, 20]
 
 
-def test_closest_divisor():
-    assert closest_divisor(6, 4) == 3
-    assert closest_divisor(8, 3) == 2  # 2 and 4 are equally close: the smaller
-    assert closest_divisor(24, 4) == 4
-    assert closest_divisor(7, 5) == 7  # a prime: 1 or 7, 7 is closer
-    assert closest_divisor(7, 4) == 1  # equally close: the smaller
+def test_window_side_searches_divisors_in_range_only():
+    # the IVC-Prune helper (_find_best_divisor): divisors within [3, 6] closest to 4, else 4 itself
+    assert window_side(24, 4, 3, 6) == 4
+    assert window_side(18, 4, 3, 6) == 3  # 3 and 6 divide 18: 3 is closer to 4
+    assert window_side(20, 4, 3, 6) == 4
+    assert window_side(25, 4, 3, 6) == 5
+    assert window_side(30, 4, 3, 6) == 3  # 3 and 5 equally close: the smaller
+    for prime in (13, 17, 19, 23):  # never 1: no divisor in range -> the target, with boundary windows
+        assert window_side(prime, 4, 3, 6) == 4
+    assert window_side(2, 4, 3, 6) == 4  # a side shorter than a window: one boundary window covers it
+
+
+def test_window_layout_on_17x23_by_hand():
+    # RefCOCO's 640 x 480 on Qwen2.5-VL: 17 x 23 merged tokens, both prime -> 4 x 4 windows:
+    # 4 window rows (0-16) x 5 window columns (0-20), a 3-wide right strip, a 1-high bottom strip, the corner
+    windows = window_layout(17, 23)
+    full = [(r, r + 4, c, c + 4) for r in (0, 4, 8, 12) for c in (0, 4, 8, 12, 16)]
+    right = [(r, r + 4, 20, 23) for r in (0, 4, 8, 12)]
+    bottom = [(16, 17, c, c + 4) for c in (0, 4, 8, 12, 16)]
+    assert windows == full + right + bottom + [(16, 17, 20, 23)]
+    covered = torch.zeros(17, 23, dtype=torch.long)
+    for r0, r1, c0, c1 in windows:
+        covered[r0:r1, c0:c1] += 1
+    assert bool((covered == 1).all())
+
+
+@pytest.mark.parametrize("grid,keep_ratio,quotas,total", [
+    # 17 x 23 at 50 %: 20 full windows of 16 keep 8, 4 right strips of 12 keep 6, 5 bottom strips of 4 keep 2,
+    # the 1 x 3 corner keeps round(1.5) = 2: 160 + 24 + 10 + 2 = 196 = round(0.5 * 391), nothing trimmed
+    ((17, 23), 0.5, [8] * 20 + [6] * 4 + [2] * 5 + [2], 196),
+    # 17 x 23 at 25 %: 4, 3, 1 and max(1, round(0.75)) = 1: 80 + 12 + 5 + 1 = 98 = round(97.75)
+    ((17, 23), 0.25, [4] * 20 + [3] * 4 + [1] * 5 + [1], 98),
+    # 13 x 19 (3 x 4 full windows, a 3-wide right strip, a 1-high bottom strip): 96 + 18 + 8 + 2 = 124
+    ((13, 19), 0.5, [8] * 12 + [6] * 3 + [2] * 4 + [2], 124),
+])
+def test_window_fastv_quotas_by_hand(grid, keep_ratio, quotas, total):
+    h, w = grid
+    scores = torch.randperm(h * w, generator=torch.Generator().manual_seed(h * w)).double()
+    kept = set(window_quota_selection(scores, h, w, keep_ratio).tolist())
+    assert len(kept) == total
+    index = torch.arange(h * w).view(h, w)
+    for (r0, r1, c0, c1), quota in zip(window_layout(h, w), quotas, strict=True):
+        members = index[r0:r1, c0:c1].flatten()
+        best = members[torch.argsort(scores[members], descending=True)[:quota]]
+        assert kept & set(members.tolist()) == set(best.tolist())
+
+
+@pytest.mark.parametrize("grid", [(17, 23), (13, 19)])
+def test_window_fastv_differs_from_fastv_on_prime_grids(grid):
+    # FastV's pull toward the bottom (score grows with the row): FastV keeps the bottom half, the windows do not
+    h, w = grid
+    scores = torch.tensor([10.0 * r + c for r in range(h) for c in range(w)], dtype=torch.float64)
+    kept = window_quota_selection(scores, h, w, 0.5)
+    fastv = torch.sort(torch.topk(scores, kept.numel()).indices).values
+    assert kept.numel() == round(0.5 * h * w)
+    assert not torch.equal(kept, fastv)
+    # the first window row (rows 0-3) keeps its quotas (8 per full window, 6 in the right strip); FastV keeps none there
+    assert int((kept // w < 4).sum()) == 8 * (w // 4) + 6
+    assert int((fastv // w < 4).sum()) == 0
 
 
 def test_window_quotas_spread_the_budget():
     # 4 x 6 grid; FastV's scores favour the bottom rows (row r gets 10 * r + column)
     scores = torch.tensor([10.0 * r + c for r in range(4) for c in range(6)])
-    kept = window_quota_selection(scores, 4, 6, keep_ratio=0.5, window_size=2)
+    kept = window_quota_selection(scores, 4, 6, keep_ratio=0.5, window_size=2, min_window_size=2)
     # 2 x 2 windows, quota round(0.5 * 4) = 2 each: the bottom row of each window, its two cells
     expected = [r * 6 + c for r in (1, 3) for c in range(6)]
     assert kept.tolist() == expected
@@ -77,9 +130,11 @@ def test_window_quotas_spread_the_budget():
 
 
 def test_window_quotas_trim_to_the_budget():
-    # 2 x 5 grid, 1 x 1 windows: each window's quota max(1, round(0.3)) = 1 -> 10 > budget 3 -> trim
-    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.6, 0.5, 0.4, 0.0])
-    assert window_quota_selection(scores, 2, 5, 0.3, 1).tolist() == [1, 3, 5]
+    # 2 x 6 grid, 2 x 2 windows: quota max(1, round(0.2 * 4)) = 1 each -> 3 = budget round(0.2 * 12) = 2 + 1 -> trim
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.7,
+                           0.6, 0.5, 0.4, 0.0, 0.35, 0.05])
+    # window picks: 1 (0.9), 3 (0.8), 5 (0.7); budget 2 -> the lowest (5) goes
+    assert window_quota_selection(scores, 2, 6, 0.2, 2, 2, 2).tolist() == [1, 3]
 
 
 def test_centre_prior_values():
@@ -128,7 +183,7 @@ def test_vscan_merge_by_hand():
 
 E2E = [
     ("fastv", dict(keep_ratio=0.4)),
-    ("window_fastv", dict(keep_ratio=0.4, window_size=2)),
+    ("window_fastv", dict(keep_ratio=0.4, window_size=2, min_window_size=2)),
     ("pdrop", dict(stage_layers=(1, 2, 3), stage_ratios=(0.7, 0.5, 0.5))),
     ("pdrop", dict(stage_layers=(1, 3), stage_ratios=(0.6, 0.5), position_policy="renumber")),
     ("adaptprune", dict(keep_ratio=0.3)),
