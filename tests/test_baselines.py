@@ -138,11 +138,38 @@ def test_window_quotas_trim_to_the_budget():
 
 
 def test_centre_prior_values():
-    prior = centre_prior(3, 3).view(3, 3)
-    assert prior[1, 1].item() == 1.0
-    # corner: exp(-1/(2*1.5^2) - 1/(2*1.5^2)) = exp(-0.4444) = 0.641180
-    assert prior[0, 0].item() == pytest.approx(0.641180, abs=1e-6)
-    assert prior[0, 1].item() == pytest.approx(math.exp(-1 / 4.5), abs=1e-12)
+    # the source's 24 x 24 prior: coordinates linspace(-12, 12, 24) = -12 + 24 i / 23, sigma 12, divided by the
+    # maximum, which sits at the four central cells (+-12/23): exp(-2 (12/23)^2 / 288) = exp(-1/529)
+    prior = centre_prior(24, 24).view(24, 24)
+    assert prior[11, 11].item() == pytest.approx(1.0, abs=1e-12)
+    assert prior[12, 11].item() == pytest.approx(1.0, abs=1e-12)
+    # corner (-12, -12): exp(-288/288) / exp(-1/529)
+    assert prior[0, 0].item() == pytest.approx(math.exp(-1 + 1 / 529), abs=1e-12)
+    # edge middle (-12, -12/23): exp(-(144 + 144/529)/288 + 1/529) = exp(-1/2 + 1/1058)
+    assert prior[0, 11].item() == pytest.approx(math.exp(-0.5 + 1 / 1058), abs=1e-12)
+    # a 3 x 3 grid, same rule: coordinates -1.5, 0, 1.5, sigma 1.5 -> corner exp(-1/2 - 1/2)
+    assert centre_prior(3, 3).view(3, 3)[0, 0].item() == pytest.approx(math.exp(-1), abs=1e-12)
+
+
+class NMSContext(RowContext):
+    """A 24 x 24 image whose attention row and layer-K keys are given."""
+
+    def __init__(self, row, keys):
+        super().__init__(row)
+        self.segments = [Segment(10, 10 + 576, 24, 24)]
+        self._keys = keys
+
+    def keys(self, tokens, layer=None, norm=True, rotary=True):
+        assert layer == self.layer and not norm and not rotary
+        return self._keys[None]
+
+
+def test_adaptprune_keeps_int_of_the_ratio():
+    # the source keeps int(576 * 0.1) = 57 (rounding would give 58)
+    gen = torch.Generator().manual_seed(0)
+    ctx = NMSContext(torch.rand(576, generator=gen).tolist(), torch.randn(2, 576, 4, generator=gen))
+    kept = ivcp.make_method("adaptprune", keep_ratio=0.1).select(ctx)
+    assert kept.numel() == 57 and kept.unique().numel() == 57
 
 
 def test_adaptive_nms_3x3_by_hand():
