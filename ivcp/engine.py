@@ -356,10 +356,11 @@ class SelectionContext:
         return self._session.adapter.vision_depth
 
     @torch.no_grad()
-    def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
+    def vision_attention(self, segment: Segment, block: int, signal: str = "received") -> torch.Tensor:
         """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
-        queries, pooled over each merge group), (N,) in the segment's raster order."""
-        return self._session.vision_attention(self._state.segments, block)[(self.row, segment)]
+        queries, pooled over each merge group), (N,) in the segment's raster order; ``signal="cls"``: the
+        CLS token's attention row instead (towers with a CLS token)."""
+        return self._session.vision_attention(self._state.segments, block, signal)[(self.row, segment)]
 
     @torch.no_grad()
     def values(self, tokens, layer: int | None = None, norm: bool = True) -> torch.Tensor:
@@ -427,7 +428,7 @@ class PruneSession:
         self._handles: list[Any] = []
         self._vision_blocks = method.vision_blocks(adapter)
         self._vision_calls: list[dict] = []  # per vision-tower call: grid_thw and block inputs
-        self._vision_scores: dict[int, dict[tuple[int, Segment], torch.Tensor]] = {}
+        self._vision_scores: dict[tuple[int, str], dict[tuple[int, Segment], torch.Tensor]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -486,21 +487,23 @@ class PruneSession:
         if self._vision_calls:
             self._vision_calls[-1]["blocks"][block] = {"module": module, "args": args, "kwargs": kwargs}
 
-    def vision_attention(self, segments: list[list[Segment]], block: int) -> dict[tuple[int, Segment], torch.Tensor]:
+    def vision_attention(self, segments: list[list[Segment]], block: int,
+                         signal: str = "received") -> dict[tuple[int, Segment], torch.Tensor]:
         """Received attention of vision block ``block`` per (batch row, segment). The tower encodes the
         batch's images (row by row, each row's in prompt order) before its videos (likewise), one call each."""
-        if block not in self._vision_scores:
+        if (block, signal) not in self._vision_scores:
+            scores = self.adapter.cls_attention if signal == "cls" else self.adapter.received_attention
             per_frame: list[torch.Tensor] = []
             for call in self._vision_calls:
                 if block not in call["blocks"]:
                     raise ValueError(f"vision block {block} did not run for this prompt")
-                per_frame += self.adapter.received_attention(call, call["blocks"][block])
+                per_frame += scores(call, call["blocks"][block])
             pairs = [(row, seg) for row, segs in enumerate(segments) for seg in segs]
             ordered = sorted(pairs, key=lambda p: (p[1].kind != "image", p[0], p[1].source, p[1].frame, p[1].part))
             if [t.numel() for t in per_frame] != [seg.n for _, seg in ordered]:
                 raise ValueError("the vision tower's outputs do not line up with the prompt's visual segments")
-            self._vision_scores[block] = dict(zip(ordered, per_frame))
-        return self._vision_scores[block]
+            self._vision_scores[block, signal] = dict(zip(ordered, per_frame))
+        return self._vision_scores[block, signal]
 
     # --- hooks ------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):

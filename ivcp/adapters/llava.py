@@ -123,3 +123,18 @@ class LlavaAdapter(ModelAdapter):
             k = attn.k_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
             out.append(mean_received(q, k, attn.scale)[1:])
         return out
+
+    @torch.no_grad()
+    def cls_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        """CLIP block attention of the CLS query (row 0) to every key, softmax over all 1 + side² keys, mean
+        over heads, the CLS column dropped: one (side²,) tensor per image (VScan's ``clip_encoder.py``)."""
+        args, kwargs = attention_call["args"], attention_call["kwargs"]
+        attn = attention_call["module"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (images, 1 + side², D)
+        out = []
+        for image in hidden:
+            q = attn.q_proj(image[:1]).view(1, attn.num_heads, -1).transpose(0, 1)  # (heads, 1, d)
+            k = attn.k_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
+            row = (q.float() @ k.float().transpose(1, 2) * attn.scale).softmax(-1)  # (heads, 1, 1 + side²)
+            out.append(row.mean(0)[0, 1:])
+        return out
