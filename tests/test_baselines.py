@@ -10,7 +10,7 @@ import ivcp
 from ivcp.adapters import Segment
 from ivcp.methods.adaptprune import adaptive_nms, centre_prior
 from ivcp.methods.fastv import FastV
-from ivcp.methods.vscan import merge_into_kept, windowed_top
+from ivcp.methods.vscan import fixed_window_top, merge_into_kept, windowed_top
 from ivcp.methods.window_fastv import window_layout, window_quota_selection, window_side
 from ivcp.scoring import ivc_scores, ivc_token_set
 from ivcp.testing import make_image, make_inputs
@@ -196,6 +196,139 @@ def test_vscan_windowed_top_caps_each_window():
     assert windowed_top(scores, 4, 4, 2, window=2).tolist() == [0, 15]
     # k = 20 > 16 tokens is clipped by the fill: every token once
     assert sorted(windowed_top(scores, 4, 4, 16, window=2).tolist()) == list(range(16))
+
+
+def test_vscan_qwen_windows_on_17x23_by_hand():
+    # VScan's window_selection: floor(17/4) x floor(23/4) = 4 x 5 windows; row 16 joins window row 3 (rows 12-16),
+    # columns 20-22 join window column 4 (columns 16-22); k = 65 -> cap ceil(65/20) = 4 per window
+    h, w = 17, 23
+    scores = torch.zeros(h * w, dtype=torch.float64)
+    at = lambda r, c: r * w + c  # noqa: E731
+    # the five best tokens all in the bottom-right window (leftover row and columns included); the sixth next to it
+    for value, (r, c) in zip((100, 99, 98, 97, 96, 95), ((16, 22), (16, 21), (12, 16), (14, 20), (16, 20), (11, 16))):
+        scores[at(r, c)] = value
+    kept = windowed_top(scores, h, w, 65, window=4).tolist()
+    assert kept[:5] == [at(16, 22), at(16, 21), at(12, 16), at(14, 20), at(11, 16)]  # (16, 20) is the 5th: capped
+    assert at(16, 20) not in kept and len(kept) == 65
+    window_of = lambda j: (min(j // w // 4, 3), min(j % w // 4, 4))  # noqa: E731
+    counts = {}
+    for j in kept:
+        counts[window_of(j)] = counts.get(window_of(j), 0) + 1
+    # the zeros go in index order, each window up to its cap: 16 windows full (4), one more token, none over the cap
+    assert counts[(3, 4)] == 4 and counts[(2, 4)] == 4
+    assert sorted(counts.values()) == [1] + [4] * 16
+
+
+def test_vscan_llava_windows_keep_floor_per_window():
+    # 24 x 24, 6 x 6 windows (16): k = 172 local tokens -> floor(172 / 16) = 10 per window, 160 in all
+    scores = torch.randperm(576, generator=torch.Generator().manual_seed(5)).double()
+    kept = fixed_window_top(scores, 24, 24, 172, window=6)
+    assert kept.numel() == 160
+    grid = torch.arange(576).view(24, 24)
+    for i in range(4):
+        for j in range(4):
+            members = grid[6 * i: 6 * i + 6, 6 * j: 6 * j + 6].flatten()
+            best = members[torch.argsort(scores[members], descending=True)[:10]]
+            assert set(kept.tolist()) & set(members.tolist()) == set(best.tolist())
+
+
+class EncoderContext:
+    """One 24 x 24 LLaVA image whose vision attention maps (per block and signal) are given."""
+
+    def __init__(self, maps, start=5):
+        self.maps, self.stage, self.device = maps, 0, torch.device("cpu")
+        self.segments = [Segment(start, start + 576, 24, 24)]
+        self.vision_local_block, self.vision_global_block, self.vision_depth = 5, 22, 24
+        self.updated = None
+
+    def vision_attention(self, segment, block, signal="received"):
+        return self.maps[block, signal]
+
+    def hidden_states(self, tokens):
+        return torch.eye(576)[None]  # orthogonal features: nothing is similar, merging picks the first kept
+
+    def update_hidden(self, tokens, values):
+        self.updated = tokens
+
+
+def test_vscan_llava_encoder_stage_on_hand_made_maps():
+    # CLS rows: the local block's favours the first row of every 6 x 6 window, the global block's the last image row
+    local_cls = torch.zeros(24, 24)
+    local_cls[0::6, :] = torch.arange(24, dtype=torch.float32) + 1  # rows 0, 6, 12, 18
+    global_cls = torch.zeros(24, 24)
+    global_cls[23, :] = 1.0
+    global_cls[22, :] = 0.5
+    received = torch.rand(576, generator=torch.Generator().manual_seed(1))  # what "received" would read: unused
+    maps = {(5, "cls"): local_cls.flatten(), (22, "cls"): global_cls.flatten(),
+            (5, "received"): received, (22, "received"): received}
+    ctx = EncoderContext(maps)
+    vscan = ivcp.make_method("vscan", encoder_keep_ratio=0.6, encoder_signal="cls", window=6, window_rule="fixed")
+    kept = vscan.select(ctx) - 5
+    # k = int(0.6 * 576) = 345; local 345 // 2 = 172 -> 10 per window = 160; global 345 - 172 = 173
+    assert kept.numel() == 160 + 173
+    rows, cols = kept // 24, kept % 24
+    local = kept[(rows % 6 == 0)]
+    # each window's first row has 6 scored cells (the 6 columns): all 6, then 4 more by index among its zeros
+    assert int((rows == 0).sum()) == 4 * 6
+    # global: rows 23 and 22 (48 tokens) first, then zeros by index among the rest
+    assert set((23 * 24 + torch.arange(24)).tolist()) <= set(kept.tolist())
+    assert set((22 * 24 + torch.arange(24)).tolist()) <= set(kept.tolist())
+    assert local.numel() >= 16 * 6
+
+
+@pytest.mark.parametrize("family,rotary,layer_7b", [("qwen2_5_vl", False, 14), ("llava", True, 16)])
+def test_vscan_llm_stage_reads_layer_k_like_eager_attention(family, rotary, layer_7b):
+    """Stage 2 scores with the selection layer's own norm and q/k (VScan's custom.py / llama_x.py): without
+    rotary for Qwen, with the present positions' rotary for LLaVA; the released 7B models prune at 14 / 16."""
+    from dataclasses import fields
+
+    from ivcp.config import method_defaults
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    n_layers, hidden = (28, 3584) if family == "qwen2_5_vl" else (32, 4096)
+    assert method_defaults(family, "vscan", n_layers, hidden)["selection_layer"] == layer_7b
+    model, processor = get_model(family, "eager")
+    adapter = ivcp.adapters.adapter_for(model)
+    inputs = make_inputs(processor, "Where is the largest shape?", images=[make_image(seed=11)])
+    captured = {}
+
+    class Spy(ivcp.methods.vscan.VScan):
+        def _llm_stage(self, ctx):
+            captured["layer"], captured["alive"] = ctx.layer, ctx.alive.cpu()
+            captured["visual"], captured["scores"] = ctx.last_token_attention(ctx.layer, rotary=self.llm_rotary)
+            return super()._llm_stage(ctx)
+
+    method = ivcp.engine.resolve_method(model, "vscan")
+    assert method.llm_rotary is rotary
+    spy = Spy(**{f.name: getattr(method, f.name) for f in fields(method)})
+    k = spy.selection_layer
+    def rope(module, args, kwargs):
+        captured.setdefault("rope", kwargs["position_embeddings"])
+
+    def output(module, args, out):
+        captured.setdefault("input", out[0] if isinstance(out, tuple) else out)
+
+    with torch.no_grad(), ivcp.prune(model, spy):
+        before = adapter.layers[k - 1]  # hooked after the engine: it sees the present tokens
+        handles = [before.register_forward_pre_hook(rope, with_kwargs=True), before.register_forward_hook(output)]
+        try:
+            model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert captured["layer"] == k
+    layer = adapter.layers[k]
+    attn = adapter.attention(layer)
+    with torch.no_grad():
+        x = adapter.input_norm(layer)(captured["input"])
+        q = adapter.project_heads(attn, "q", x)
+        key = adapter.project_heads(attn, "k", x)
+        if rotary:
+            q, key = apply_rotary_pos_emb(q, key, *captured["rope"])
+        key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)
+        probs = (q[:, :, -1:] @ key.transpose(-1, -2) * adapter.attention_scale(layer)).softmax(-1)[0, :, 0].mean(0)
+    columns = torch.searchsorted(captured["alive"], captured["visual"].cpu())
+    torch.testing.assert_close(captured["scores"].cpu(), probs[columns], atol=1e-6, rtol=0)
 
 
 def test_vscan_merge_by_hand():
