@@ -69,6 +69,13 @@ def adaptive_nms(scores: torch.Tensor, keys: torch.Tensor, grid_h: int, grid_w: 
 class AdaptPrune(PruningMethod):
     name: ClassVar[str] = "adaptprune"
     trims_earlier_layers: ClassVar[bool] = False
+    source: ClassVar[str] = """\
+Paper: Luan et al., 2025. Code: bzluan/AdaptPrune, llava/model/language_model/adaptprune.py (LLaVA-1.5).
+int(576 * ratio) tokens (57 at 0.1); centre prior linspace(-12, 12, 24), sigma 12, divided by its max; adaptive
+NMS (distance <= 5, sigma 1.5, similarity sigma 0.05) on k_proj of layer K's input.
+Deviations: layer K-1 runs once (the source runs it twice and duplicates its KV); float64 scores; other grids
+(Qwen, InternVL: no source code) use linspace(-s/2, s/2, s) and sigma s/2 per axis."""
+    bounds: ClassVar[dict[str, str]] = {"radius": ">= 0", "spatial_sigma": "> 0", "similarity_sigma": "> 0"}
 
     selection_layer: int | None = 2
     keep_ratio: float = 0.1

@@ -117,6 +117,18 @@ class VScan(PruningMethod):
     name: ClassVar[str] = "vscan"
     trims_earlier_layers: ClassVar[bool] = False
     min_selection_layer: ClassVar[int] = 0
+    source: ClassVar[str] = """\
+Paper: Zhang et al., 2025. Code: Tencent/SelfEvolvingAgent, VScan/.
+Qwen2.5-VL (qwen/model/qwen2_5_vl_custom.py, qwen2_5_vl_utils.py): received attention of block 7 and the
+last block, 2x2-pooled; window_selection on floor(h/4) x floor(w/4) windows, cap ceil(k/windows); merge;
+M-RoPE ids kept; LLM stage at layer_list [14], scored with layer 14's norm and q/k, no rotary.
+LLaVA-1.5 (clip_encoder.py, llava_arch.py, modeling_llama_x.py): the CLS row of CLIP blocks 5 and 22;
+6x6 windows keeping floor(k/16) each; merge after the projector; input rebuilt, positions 0..n-1; LLM stage
+at layer 16 with layer 16's q/k and rotary; positions renumbered again, decoding shifted per stage.
+Qwen2-VL, Qwen3-VL, InternVL: no VScan code; the Qwen rules (InternVL / Qwen3-VL: their own local block).
+Deviations: float32 scores, ties to the lower index; one encoder budget per image / frame (the source: one
+image); max(1, .) so no image vanishes; position_policy="keep" on LLaVA keeps the original ids (option)."""
+    bounds: ClassVar[dict[str, str]] = {"window": ">= 1"}
 
     selection_layer: int | None = None  # the LLM stage: the first layer without its dropped tokens
     encoder_keep_ratio: float = 0.167
@@ -153,8 +165,6 @@ class VScan(PruningMethod):
         if self.selection_layer == 0:
             raise ValueError(f"{self.name}: selection_layer (the LLM stage) must be ≥ 1")
         super().validate(num_layers)
-        if isinstance(self.window, int) and self.window < 1:
-            raise ValueError(f"{self.name}: window must be ≥ 1, got {self.window}")
 
     def select(self, ctx) -> torch.Tensor:
         return self._encoder_stage(ctx) if ctx.stage == 0 else self._llm_stage(ctx)

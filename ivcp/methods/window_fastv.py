@@ -87,6 +87,16 @@ def window_quota_selection(scores: torch.Tensor, grid_h: int, grid_w: int, keep_
 class WindowFastV(PruningMethod):
     name: ClassVar[str] = "window_fastv"
     trims_earlier_layers: ClassVar[bool] = False
+    source: ClassVar[str] = """\
+Paper: Wen et al., 2025 (no author code). All families, the same rule.
+Windows: the unused helper in FireRedTeam/IVC-Prune, DeepSeek-VL2/deepseek_vl2/models/modeling_deepseek.py
+(_find_best_divisor, _process_single_image_window, _handle_boundary_windows): a divisor in
+[min_window_size, max_window_size] closest to window_size, else window_size with boundary strip windows;
+max(1, round(keep_ratio * window tokens)) per window.
+Deviations / our choices: the range [3, 6] and target 4 (the helper takes them as arguments, never set);
+the total trimmed / filled by score to round(keep_ratio * N) (the helper keeps what the quotas give);
+ties to the lower index."""
+    bounds: ClassVar[dict[str, str]] = {"window_size": ">= 2", "min_window_size": ">= 2", "max_window_size": ">= 2"}
 
     selection_layer: int | None = 2
     keep_ratio: float = 0.5
