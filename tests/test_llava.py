@@ -155,3 +155,29 @@ def test_authors_fixed_image_span_is_what_the_authors_pruned(monkeypatch):
     monkeypatch.setattr(model.config, "ivcp_image_span", "sometimes", raising=False)
     with pytest.raises(ValueError, match="ivcp_image_span must be one of 'auto', 'authors_fixed', got 'sometimes'"):
         adapter_for(model).segments(ids, None, None)
+
+
+def test_cls_attention_is_clips_own_cls_row():
+    """VScan's LLaVA score (clip_encoder.py: attentions[:, :, 0, 1:], mean over heads) from the adapter equals the
+    row CLIP's eager attention returns, for the local and the global block."""
+    model, processor = get_model("llava", "eager")
+    adapter = adapter_for(model)
+    inputs = make_inputs(processor, "Where?", images=[make_image(seed=2)])
+    captured = {}
+
+    class Capture(ivcp.methods.vscan.VScan):
+        def _encoder_stage(self, ctx):
+            for block in self._blocks(ctx):  # the local and the global block (the blocks the engine reads)
+                captured[block] = ctx.vision_attention(ctx.segments[0], block, "cls")
+            return super()._encoder_stage(ctx)
+
+    with torch.no_grad(), ivcp.prune(model, Capture(selection_layer=2, encoder_signal="cls", window=6,
+                                                    window_rule="fixed")):
+        model(**inputs)
+    tower = adapter.vision_tower
+    with torch.no_grad():
+        out = tower(inputs["pixel_values"], output_attentions=True)
+    assert sorted(captured) == [0, 1]  # the tiny tower: 3 blocks, local 0, global (feature layer -2) 1
+    for block, row in captured.items():
+        expected = out.attentions[block][0, :, 0, 1:].mean(0)
+        torch.testing.assert_close(row.cpu(), expected, atol=1e-6, rtol=0)
