@@ -196,12 +196,33 @@ def make_grounding(args: argparse.Namespace) -> int:
 
 
 def list_methods(args: argparse.Namespace) -> int:
+    if getattr(args, "explain", None):
+        return explain_method(args.explain)
     import ivcp
     from ivcp.methods import method_class
 
     for name in ivcp.available_methods():
         doc = (method_class(name).__module__ and sys.modules[method_class(name).__module__].__doc__ or "").strip()
         print(f"{name:<14} {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def explain_method(name: str) -> int:
+    """``ivcp methods --explain NAME``: a method's sources, deviations and per-family settings."""
+    from ivcp.config import config_names, family_config
+    from ivcp.methods import method_class
+
+    cls = method_class(name)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    print(f"{name}: {doc.splitlines()[0] if doc else cls.__name__}")
+    print(cls.source or "No source notes: see the module docstring.\n" + doc)
+    for family in config_names("models", ".toml"):
+        config = family_config(family)
+        for kind in ("defaults", "authors"):
+            settings = config.get(kind, {}).get(name)
+            if settings:
+                text = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+                print(f"  {family} [{kind}.{name}] (configs/models/{family}.toml): {text}")
     return 0
 
 
@@ -298,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=make_grounding)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
+    p.add_argument("--explain", metavar="NAME", help="a method's sources, deviations and per-family settings")
     p.set_defaults(func=list_methods)
 
     p = sub.add_parser("models", help="list the evaluation harness's model names (model x method x prompt protocol)")

@@ -118,6 +118,9 @@ class _CacheInfo:
     layouts: list[TokenLayout]  # per layer: the prompt tokens its cache holds
     columns: list[torch.Tensor | None]  # per layer: their columns in layer 0's layout (None: the same layout)
     attn_implementation: str | None
+    # (layers, B): how far below the unpruned ids each layer numbered the prompt's last token (a method that
+    # renumbers positions, e.g. PDrop's): decode tokens at that layer move down as far. None: nothing moved.
+    shifts: torch.Tensor | None = None
 
     @property
     def n_layer0(self) -> int:
@@ -191,6 +194,8 @@ class _PrefillState:
         self.hidden_inputs: dict[int, torch.Tensor] = {}
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the current layout
         self.current_positions: torch.Tensor | None = None  # rotary ids the current layers use (rows, B, L)
+        self.current_shift: torch.Tensor | None = None  # (B,) original − current id of each row's last token
+        self.layer_shifts: dict[int, torch.Tensor] = {}  # layer → current_shift when it ran (renumbering only)
         self.hidden_updates: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, columns, values)
         # layer → ((T, 2) [row, input index], (T, hidden) features) added to that layer's input
         self.additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -274,8 +279,11 @@ class HookContext(SelectionContext):
         return self._session.adapter.vision_depth
 
     @torch.no_grad()
-    def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
-        return self._session.vision_attention(self._state.segments, block)[(self.row, segment)]
+    def vision_attention(self, segment: Segment, block: int, signal: str = "received") -> torch.Tensor:
+        """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
+        queries, pooled over each merge group), (N,) in the segment's raster order; ``signal="cls"``: the
+        CLS token's attention row instead (towers with a CLS token)."""
+        return self._session.vision_attention(self._state.segments, block, signal)[(self.row, segment)]
 
 
 class PruneSession:
@@ -288,11 +296,12 @@ class PruneSession:
         self.last: BatchRecord | None = None
         self._state: _PrefillState | None = None
         self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
+        self._decode_positions: torch.Tensor | None = None  # (rows, B, T) unpruned ids of a forward on it
         self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
         self._handles: list[Any] = []
         self._vision_blocks = method.vision_blocks(adapter)
         self._vision_calls: list[dict] = []  # per vision-tower call: grid_thw and block inputs
-        self._vision_scores: dict[int, dict[tuple[int, Segment], torch.Tensor]] = {}
+        self._vision_scores: dict[tuple[int, str], dict[tuple[int, Segment], torch.Tensor]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -351,21 +360,23 @@ class PruneSession:
         if self._vision_calls:
             self._vision_calls[-1]["blocks"][block] = {"module": module, "args": args, "kwargs": kwargs}
 
-    def vision_attention(self, segments: list[list[Segment]], block: int) -> dict[tuple[int, Segment], torch.Tensor]:
+    def vision_attention(self, segments: list[list[Segment]], block: int,
+                         signal: str = "received") -> dict[tuple[int, Segment], torch.Tensor]:
         """Received attention of vision block ``block`` per (batch row, segment). The tower encodes the
         batch's images (row by row, each row's in prompt order) before its videos (likewise), one call each."""
-        if block not in self._vision_scores:
+        if (block, signal) not in self._vision_scores:
+            scores = self.adapter.cls_attention if signal == "cls" else self.adapter.received_attention
             per_frame: list[torch.Tensor] = []
             for call in self._vision_calls:
                 if block not in call["blocks"]:
                     raise ValueError(f"vision block {block} did not run for this prompt")
-                per_frame += self.adapter.received_attention(call, call["blocks"][block])
+                per_frame += scores(call, call["blocks"][block])
             pairs = [(row, seg) for row, segs in enumerate(segments) for seg in segs]
             ordered = sorted(pairs, key=lambda p: (p[1].kind != "image", p[0], p[1].source, p[1].frame, p[1].part))
             if [t.numel() for t in per_frame] != [seg.n for _, seg in ordered]:
                 raise ValueError("the vision tower's outputs do not line up with the prompt's visual segments")
-            self._vision_scores[block] = dict(zip(ordered, per_frame))
-        return self._vision_scores[block]
+            self._vision_scores[block, signal] = dict(zip(ordered, per_frame))
+        return self._vision_scores[block, signal]
 
     # --- hooks ------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
@@ -431,6 +442,14 @@ class PruneSession:
     def _on_text_model(self, module, args, kwargs):
         state = self._state
         if state is None:
+            if self._decoding is not None and self._decoding.shifts is not None:
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    raise ValueError("ivcp decodes a cache with renumbered positions from the position ids the "
+                                     "model passes its decoder stack; this forward passed none")
+                rows = self.adapter.position_rows
+                pos = pos[None] if pos.dim() == 2 else pos[1:] if pos.shape[0] == rows + 1 else pos
+                self._decode_positions = pos.expand(rows, *pos.shape[1:])
             return None
         pos = kwargs.get("position_ids")
         rows = self.adapter.position_rows
@@ -475,6 +494,10 @@ class PruneSession:
                 generated = cached - self._decoding.layouts[index].width
                 kwargs["attention_mask"] = self._decoding.layer_mask(index, kwargs.get("attention_mask"), generated,
                                                                      hidden.shape[1], hidden.dtype)
+                shifts = self._decoding.shifts
+                if shifts is not None and bool(shifts[index].any()):  # this layer numbered the prompt lower
+                    pos = self._decode_positions - shifts[index].to(self._decode_positions.device).view(1, -1, 1)
+                    kwargs["position_embeddings"] = self.adapter.rotary_embedding(hidden, pos)
                 return args, kwargs
             return None
         if state.originals is None:
@@ -491,6 +514,8 @@ class PruneSession:
         if index + 1 in self.stage_layers:
             state.hidden_inputs[index] = hidden
         state.layer_layouts[index] = state.layout
+        if state.current_shift is not None:
+            state.layer_shifts[index] = state.current_shift
         if state.layer_kwargs is not None:
             kwargs.update(state.layer_kwargs)
         if args:
@@ -544,6 +569,10 @@ class PruneSession:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
             positions = positions - torch.where(new.valid, shift, 0)[None]
             rotary = self.adapter.rotary_embedding(hidden, positions)
+            # the last column holds each row's last prompt token (rows are left-padded)
+            last = torch.tensor(state.last_tokens, device=positions.device)
+            original = state.position_ids[0].gather(1, last[:, None])[:, 0]
+            state.current_shift = original - positions[0, :, -1]
         else:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
             cos, sin = state.originals["position_embeddings"]
@@ -633,8 +662,12 @@ class PruneSession:
             delta = real.amax(dim=(0, 2)).view(-1, 1) + 1 - state.seq_len
             first = layouts[0]
             columns = [None if layout.same_as(first) else first.columns_of(layout) for layout in layouts]
+            shifts = None
+            if state.layer_shifts:
+                zero = torch.zeros(state.batch, dtype=torch.long, device=pos.device)
+                shifts = torch.stack([state.layer_shifts.get(i, zero).to(pos.device) for i in range(len(layouts))])
             self._caches[cache] = _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
-                                             self.adapter.attn_implementation)
+                                             self.adapter.attn_implementation, shifts)
         return None
 
 

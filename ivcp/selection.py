@@ -159,9 +159,10 @@ class SelectionContext:
     def vision_depth(self) -> int:
         raise self._unavailable("vision_depth")
 
-    def vision_attention(self, segment: Segment, block: int) -> torch.Tensor:
+    def vision_attention(self, segment: Segment, block: int, signal: str = "received") -> torch.Tensor:
         """Attention the segment's tokens receive in vision block ``block`` (mean over heads and
-        queries, pooled over each merge group), (N,) in the segment's raster order."""
+        queries, pooled over each merge group), (N,) in the segment's raster order; ``signal="cls"``: the
+        CLS token's attention row instead (towers with a CLS token)."""
         raise self._unavailable("vision_attention")
 
     # --- signals from the model -------------------------------------------------------------

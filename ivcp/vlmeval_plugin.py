@@ -301,8 +301,11 @@ class IVCPInternVL(IVCPModelMixin, InternVLChat):
     message, one user turn with ``reorganize_prompt``'s ``<image>\n`` placement, each image expanded to
     ``<img>`` + 256 ``<IMG_CONTEXT>`` per tile + ``</img>`` by the processor (PIL tiling: pixel-identical
     to VLMEvalKit's ``load_image``); greedy, max_new_tokens 4096. The images' sizes go to the model so
-    the tiles' layout is known (the authors' thumbnail mapping needs it).
+    the tiles' layout is known (the authors' thumbnail mapping needs it). As the remote chat()
+    (``modeling_internvl_chat.py``), generation stops at ``<|im_end|>`` and the reply is cut there.
     """
+
+    STOP_TOKEN = "<|im_end|>"
 
     INSTALL_REQ = False
     INTERLEAVE = True
@@ -323,6 +326,8 @@ class IVCPInternVL(IVCPModelMixin, InternVLChat):
         else:
             self.model, self.processor = _load_checkpoint(model_path, dtype, backend="pil")
         self._setup_run(name, method, method_params or {}, protocol, generation or {})
+        self.stop_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.STOP_TOKEN)
+        self.generate_kwargs["eos_token_id"] = self.stop_token_id  # the remote chat()'s eos_token_id
 
     def authors_prompt_applies(self, dataset: str) -> bool:
         return InternVLChat.use_custom_prompt(self, dataset)
@@ -349,7 +354,12 @@ class IVCPInternVL(IVCPModelMixin, InternVLChat):
         return inputs, inputs["input_ids"].shape[1]
 
     def decode(self, tokens: torch.Tensor) -> str:
-        return self.processor.batch_decode(tokens[None], skip_special_tokens=True)[0].strip()
+        """The reply up to the first ``<|im_end|>`` (then split on its text too, as chat() does)."""
+        stops = (tokens == self.stop_token_id).nonzero()
+        if stops.numel():
+            tokens = tokens[: int(stops[0, 0])]
+        text = self.processor.batch_decode(tokens[None], skip_special_tokens=True)[0]
+        return text.split(self.STOP_TOKEN)[0].strip()
 
     def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
         return int((input_ids == self.model.config.image_token_id).sum())

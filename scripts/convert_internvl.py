@@ -4,7 +4,14 @@ or Qwen2) into transformers' native ``InternVLForConditionalGeneration`` layout,
 
     python scripts/convert_internvl.py --src /models/InternVL2_5-8B-remote --out /models/InternVL2_5-8B
 
-Writes the native ``config.json`` + safetensors (and copies the tokenizer files it finds, as they are).
+Writes a complete native folder: ``config.json`` + safetensors; the tokenizer, loadable without remote code
+and encoding as the remote one does (InternLM2: ``tokenization_internlm2.py``'s ``InternLM2Tokenizer`` puts
+BOS first, ``add_bos_token=True``; the sentencepiece ``tokenizer.model`` becomes a native ``LlamaTokenizer``
+with the same BOS rule and added tokens; Qwen2: its native tokenizer, as it is), with InternVL's image
+tokens named for ``InternVLProcessor``; ``preprocessor_config.json`` / ``processor_config.json`` (448-px tiles,
+ImageNet mean / std, bicubic, 1..``max_dynamic_patch`` tiles + thumbnail, ``image_seq_length`` tokens per
+tile); and ``generation_config.json`` whose stop token is ``<|im_end|>``, as the remote ``chat()`` forces
+(``modeling_internvl_chat.py``: ``eos_token_id`` = the template separator's id).
 The key mapping follows the public facts of transformers' own conversion script: vision keys renamed
 (``layers`` → ``layer``, ``ls1/ls2`` → ``lambda_1/2``, ``norm1/2`` → ``layernorm_before/after``, ``attn.proj``
 → ``attention.projection_layer``, ``class_embedding`` → ``cls_token`` …) with the fused ``attn.qkv`` split
@@ -31,7 +38,11 @@ import torch
 
 IMAGE_TOKEN = {"llama": 92546, "qwen2": 151667}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+                   "added_tokens.json", "vocab.json", "merges.txt")
+# InternVLProcessor reads these names from the tokenizer
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>"}
+STOP_TOKEN = "<|im_end|>"
 VISION_RENAMES = [  # applied in order to the part after "vision_model."
     (r"^encoder\.layers\.", "encoder.layer."), (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
     (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
@@ -186,10 +197,69 @@ def convert(src: str | Path, out: str | Path, image_token_id: int | None = None,
     if dtype != "auto":
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    tokenizer = write_tokenizer(src, out, config.text_config.model_type)
+    write_processor(remote, out, config.image_seq_length)
+    write_generation_config(out, tokenizer)
     return out
+
+
+def write_tokenizer(src: Path, out: Path, lm_type: str):
+    """The native tokenizer in ``out`` (see the module docstring); returns it."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    config_path = src / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if not any((src / name).is_file() for name in ("tokenizer.model", "tokenizer.json", "vocab.json")):
+        raise ValueError(f"no tokenizer in {src} (tokenizer.model, tokenizer.json or vocab.json)")
+    config.pop("auto_map", None)  # the remote classes are not needed any more
+    if lm_type == "llama":  # InternLM2Tokenizer (sentencepiece): BOS first, no EOS, as the remote class does
+        if not (src / "tokenizer.model").is_file():
+            raise ValueError(f"no tokenizer.model in {src} (InternLM2's sentencepiece model)")
+        config.update(tokenizer_class="LlamaTokenizer", add_bos_token=config.get("add_bos_token", True),
+                      add_eos_token=config.get("add_eos_token", False), legacy=True)
+        config.setdefault("bos_token", "<s>")
+        config.setdefault("eos_token", "</s>")
+        config.setdefault("unk_token", "<unk>")
+    extra = config.get("extra_special_tokens")
+    config["extra_special_tokens"] = dict(extra if isinstance(extra, dict) else {}, **IMAGE_TOKENS)
+    with tempfile.TemporaryDirectory() as staging:
+        staged = Path(staging)
+        # InternLM2: rebuilt from the sentencepiece model (a tokenizer.json there would be the remote fast class's)
+        skip = {"tokenizer_config.json"} | ({"tokenizer.json"} if lm_type == "llama" else set())
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and name not in skip:
+                shutil.copy(src / name, staged / name)
+        (staged / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+        tokenizer = AutoTokenizer.from_pretrained(staged)
+    tokenizer.save_pretrained(out)
+    if (src / "tokenizer.model").is_file():
+        shutil.copy(src / "tokenizer.model", out / "tokenizer.model")
+    return tokenizer
+
+
+def write_processor(remote: dict, out: Path, image_seq_length: int) -> None:
+    """``preprocessor_config.json`` (InternVL's tiling: GotOcr2ImageProcessor) and ``processor_config.json``."""
+    size = int(remote["vision_config"]["image_size"])
+    image = {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": True, "min_patches": 1,
+             "max_patches": int(remote.get("max_dynamic_patch", 12)), "size": {"height": size, "width": size},
+             "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def write_generation_config(out: Path, tokenizer) -> None:
+    """``generation_config.json``: generation stops at ``<|im_end|>`` (the remote chat()'s eos_token_id)."""
+    from transformers import GenerationConfig
+
+    stop = tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+    if stop is None or stop == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {STOP_TOKEN} token (the chat template's turn end)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop, pad_token_id=pad).save_pretrained(out)
 
 
 def main(argv=None) -> int:

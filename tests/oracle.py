@@ -7,7 +7,8 @@ and replaces each decoder layer's attention mask by one that hides the dropped v
   those layers (at layers < K the prompt itself still sees everything; a layer whose cache is not
   cut, e.g. layer 0 in the authors' LLaVA code, lets decode queries see them).
 Options reproduce the other mechanics without slicing: replaced input embeddings (VScan's merge at
-layer 0) and renumbered prompt positions at layers ≥ a stage (PDrop's ``renumber``).
+layer 0) and renumbered positions at layers ≥ a stage (PDrop's ``renumber``: the prompt closed up, the
+decode tokens moved down as far).
 No slicing, no cache trimming, positions computed by the model itself: if the engine's slicing,
 trimming or positions were wrong, the logits would differ.
 """
@@ -76,7 +77,8 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
 
     ``stages``: (layer K, sorted kept input indices after that stage), in order;
     ``embedding_updates``: input index → replacement input embedding (applied before layer 0);
-    ``renumber``: layers ≥ each stage see that stage's renumbered prompt positions.
+    ``renumber``: layers ≥ each stage see that stage's renumbered prompt positions, and the decode
+    tokens' ids at those layers move down by the number of prompt tokens dropped so far (PDrop's rule).
     """
     from ivcp.adapters import adapter_for
 
@@ -107,10 +109,11 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
                 args = (hidden,) + tuple(args[1:])
             if renumber:
                 cos, sin = kwargs["position_embeddings"]
-                for (stage_layer, _), prompt_ids in zip(stages, captured["renumbered"]):
+                for (stage_layer, kept), prompt_ids in zip(stages, captured["renumbered"]):
                     if index >= stage_layer:
                         ids = captured["positions"].clone()
                         ids[:, 0, :n_prompt] = prompt_ids
+                        ids[:, 0, n_prompt:] -= n_prompt - kept.numel()  # decode tokens follow the closed gaps
                         cos, sin = adapter.rotary_embedding(args[0], ids)
                 kwargs["position_embeddings"] = (cos, sin)
             return args, kwargs

@@ -57,7 +57,33 @@ def remote_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
                                 "image_size": 64, "patch_size": 8, "qkv_bias": True, "qk_normalization": False,
                                 "norm_type": "layer_norm", "layer_norm_eps": 1e-6}}
     (folder / "config.json").write_text(json.dumps(config))
+    remote_tokenizer(folder)
     return sd
+
+
+REMOTE_SPECIALS = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+def remote_tokenizer(folder: Path) -> None:
+    """InternVL2.5-8B's tokenizer layout, tiny: a sentencepiece tokenizer.model (its chat and image tokens as
+    user-defined pieces) and a tokenizer_config.json naming the remote InternLM2Tokenizer (add_bos_token true)."""
+    import io
+
+    import sentencepiece as spm
+
+    text = ["where is the red square in the picture", "a small tokenizer made for the tests", "the quick brown fox"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=80, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=REMOTE_SPECIALS,
+                                   character_coverage=1.0, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    added = {str(sp.piece_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": True} for t in REMOTE_SPECIALS}
+    config = {"tokenizer_class": "InternLM2Tokenizer", "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+              "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": "</s>", "added_tokens_decoder": added}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def reference_logits(sd, input_ids, pixel_values):
@@ -137,3 +163,54 @@ def test_bad_checkpoints_are_named(tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert converter.main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no llm_config, vision_config" in capsys.readouterr().err
+
+
+def test_converted_folder_is_complete(tmp_path):
+    """The tokenizer encodes as the remote InternLM2Tokenizer does (BOS, then the sentencepiece ids), loads without
+    remote code, names InternVL's image tokens; the processor configs are written; generation stops at <|im_end|>."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, GenerationConfig, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    remote_checkpoint(tmp_path / "remote")
+    assert _converter().main(["--src", str(tmp_path / "remote"), "--out", str(tmp_path / "native"),
+                              "--image-token-id", str(CONTEXT)]) == 0
+    native = tmp_path / "native"
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "remote" / "tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(native)
+    for text in ("where is the red square", "the quick brown fox in the picture"):
+        ids = tokenizer(text).input_ids
+        assert ids[0] == sp.bos_id() == tokenizer.bos_token_id  # InternLM2Tokenizer: add_bos_token
+        assert ids == [sp.bos_id()] + sp.encode(text)
+    im_end = sp.piece_to_id("<|im_end|>")
+    assert tokenizer("<|im_start|>user").input_ids[:2] == [1, sp.piece_to_id("<|im_start|>")]
+    assert (tokenizer.context_image_token, tokenizer.start_image_token, tokenizer.end_image_token) == \
+        ("<IMG_CONTEXT>", "<img>", "</img>")
+    assert json.loads((native / "processor_config.json").read_text()) == {"processor_class": "InternVLProcessor",
+                                                                         "image_seq_length": 16}
+    image_processor = GotOcr2ImageProcessorPil.from_pretrained(native)
+    assert (image_processor.size.height, image_processor.crop_to_patches, image_processor.max_patches) == (64, True, 12)
+    generation = GenerationConfig.from_pretrained(native)
+    assert generation.eos_token_id == im_end
+
+    class EndAtThirdToken(LogitsProcessor):  # the model "says" <|im_end|> as its third token
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt.shape[1] + 2:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, im_end] = 0
+            return scores
+
+    model = InternVLForConditionalGeneration.from_pretrained(native, dtype=torch.float32).eval()
+    prompt = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False,
+                             logits_processor=LogitsProcessorList([EndAtThirdToken()]))
+    assert out.shape[1] == prompt.shape[1] + 3 and int(out[0, -1]) == im_end
+
+
+def test_a_checkpoint_without_tokenizer_is_named(tmp_path, capsys):
+    remote_checkpoint(tmp_path / "remote")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (tmp_path / "remote" / name).unlink()
+    assert _converter().main(["--src", str(tmp_path / "remote"), "--out", str(tmp_path / "o")]) == 2
+    assert "no tokenizer in" in capsys.readouterr().err

@@ -107,3 +107,77 @@ def test_adapter_facts():
     assert adapter.rope == RopeSpec(10000.0, 16)
     assert adapter.vision_depth == 3 and adapter.vision_global_block == 1  # features: hidden_states[-2]
     assert adapter.marker_token_ids == {model.config.image_token_id}
+
+
+def test_authors_fixed_image_span_is_what_the_authors_pruned(monkeypatch):
+    """image_span "authors_fixed" (model.config.ivcp_image_span): the authors' LLaVA config puts the image at
+    index 5 with side² tokens whatever the prompt; transcribed here on the tiny model (8 x 8 = 64 tokens): the
+    span 5..68 holds system-prompt text then the image's first tokens; IVC scores come from positions 5..68;
+    the text queries run from 5 + 64 + 2 = 71 to the end, the image's later tokens included; every token
+    outside the span stays. Decoding stays exact against the oracle."""
+    from ivcp.config import authors_params
+    from ivcp.engine import SelectionContext
+
+    from oracle import oracle_logits, record_stages, trimmed_layers
+
+    model, processor = get_model("llava")
+    text = "A chat between a curious human and an AI. USER: <image>\nWhere is the largest shape? ASSISTANT:"
+    inputs = processor(text=text, images=[make_image(seed=4)], return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    first_image, n = int(image[0]), ids.numel()
+    assert first_image > 5 + 8 and image.numel() == 64  # the real image starts well after index 5
+    queries = []
+    original = SelectionContext.text_queries
+    monkeypatch.setattr(SelectionContext, "text_queries",
+                        lambda self, seg, offset=0: queries.append(original(self, seg, offset)) or queries[-1])
+    monkeypatch.setattr(model.config, "ivcp_image_span", "authors_fixed", raising=False)
+    params = authors_params("llava", "ivc_prune")
+    with torch.no_grad(), ivcp.prune(model, "ivc_prune", **params) as session:
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    record = session.last
+    assert record.segments == [(5, 69)]
+    # the IVC set: positions 5..68, top round(0.05 * 64) = 3 by V and by U (head_dim 16, θ 10000)
+    freqs = [10000.0 ** (-2 * k / 16) for k in range(8)]
+    v = {m: sum(math.cos(m * f) for f in freqs) for m in range(5, 69)}
+    u = {m: sum(math.sin(m * f) for f in freqs) for m in range(5, 69)}
+    top = lambda scores: sorted(scores, key=lambda m: (-scores[m], m))[:3]  # noqa: E731
+    assert record.marks["ivc"].tolist() == sorted(set(top(v)) | set(top(u)))
+    # queries: every token from 71 on, the image's tokens 71..first_image+63 among them
+    assert queries[0].tolist() == list(range(71, n))
+    kept = set(record.kept.tolist())
+    assert set(range(5)) | set(range(69, n)) <= kept  # outside the span nothing is dropped
+    assert set(range(5, first_image)) - kept  # system-prompt text inside the span can be dropped
+    generated = out.sequences[0, n:]
+    expected = oracle_logits(model, dict(inputs), generated, record_stages(record), trimmed_layers(session))
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], expected, atol=1e-4, rtol=0)
+    monkeypatch.setattr(model.config, "ivcp_image_span", "sometimes", raising=False)
+    with pytest.raises(ValueError, match="ivcp_image_span must be one of 'auto', 'authors_fixed', got 'sometimes'"):
+        adapter_for(model).segments(ids, None, None)
+
+
+def test_cls_attention_is_clips_own_cls_row():
+    """VScan's LLaVA score (clip_encoder.py: attentions[:, :, 0, 1:], mean over heads) from the adapter equals the
+    row CLIP's eager attention returns, for the local and the global block."""
+    model, processor = get_model("llava", "eager")
+    adapter = adapter_for(model)
+    inputs = make_inputs(processor, "Where?", images=[make_image(seed=2)])
+    captured = {}
+
+    class Capture(ivcp.methods.vscan.VScan):
+        def _encoder_stage(self, ctx):
+            for block in self._blocks(ctx):  # the local and the global block (the blocks the engine reads)
+                captured[block] = ctx.vision_attention(ctx.segments[0], block, "cls")
+            return super()._encoder_stage(ctx)
+
+    with torch.no_grad(), ivcp.prune(model, Capture(selection_layer=2, encoder_signal="cls", window=6,
+                                                    window_rule="fixed")):
+        model(**inputs)
+    tower = adapter.vision_tower
+    with torch.no_grad():
+        out = tower(inputs["pixel_values"], output_attentions=True)
+    assert sorted(captured) == [0, 1]  # the tiny tower: 3 blocks, local 0, global (feature layer -2) 1
+    for block, row in captured.items():
+        expected = out.attentions[block][0, :, 0, 1:].mean(0)
+        torch.testing.assert_close(row.cpu(), expected, atol=1e-6, rtol=0)

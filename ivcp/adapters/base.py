@@ -201,6 +201,12 @@ class ModelAdapter:
         tower's forward and of that block's attention module (``attention_call["module"]``)."""
         raise self._lacks("vision-tower access")
 
+    def cls_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        """The CLS token's attention row in one vision block (mean over heads; softmax over all keys, the
+        CLS column then dropped), one (h·w,) tensor per image; for towers with a CLS token (VScan's LLaVA
+        scoring). Arguments as for :meth:`received_attention`."""
+        raise self._lacks("CLS token in its vision tower")
+
     @property
     def vision_global_block(self) -> int:
         """The last vision block whose output reaches the LLM (VScan's global block)."""

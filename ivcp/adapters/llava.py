@@ -6,6 +6,14 @@ q/k/v/o projections, ``input_layernorm``). Each image is one run of (image_size 
 ``image_token_id`` (576 = 24 × 24 for ViT-L/14-336, the CLS token dropped by the "default" feature
 strategy), in the raster order of the patch grid, with no start or end markers. Rotary: 1-D RoPE;
 the decoder layers receive (cos, sin).
+
+Image span: ``model.config.ivcp_image_span`` = ``"auto"`` (default: each image where its tokens are) or
+``"authors_fixed"``: what the IVC-Prune authors' LLaVA runs did (their Tab. 2 / 16 LLaVA rows). Their config
+hard-codes the image at input index 5 with 576 tokens while their prompt puts it near index 35, so the
+"image" they pruned is tokens 5 .. 5 + side² − 1 (system-prompt tokens droppable, the image's last tokens
+always kept) and their text queries, from two tokens after that span, include image tokens. With
+``authors_fixed`` the one segment is that span (the prompt's first image only, as their code) and image
+tokens outside it count as text.
 """
 
 from __future__ import annotations
@@ -16,10 +24,22 @@ from torch import nn
 from .base import ModelAdapter, Segment, mean_received, register_adapter
 
 
+IMAGE_SPANS = ("auto", "authors_fixed")
+AUTHORS_IMAGE_START = 5  # the authors' LLaVA config: image_start_index
+
+
 @register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
+
+    @property
+    def image_span(self) -> str:
+        span = getattr(self.model.config, "ivcp_image_span", "auto")
+        if span not in IMAGE_SPANS:
+            raise ValueError(f"model.config.ivcp_image_span must be one of {', '.join(map(repr, IMAGE_SPANS))}, "
+                             f"got {span!r}")
+        return span
 
     # --- the image grid ---------------------------------------------------------------------------
     @property
@@ -45,6 +65,12 @@ class LlavaAdapter(ModelAdapter):
         self._check_strategy()
         side = self.grid_side
         per_image = side * side
+        if self.image_span == "authors_fixed":
+            end = AUTHORS_IMAGE_START + per_image
+            if end > input_ids.shape[-1]:
+                raise ValueError(f"the authors' fixed image span {AUTHORS_IMAGE_START}:{end} does not fit a prompt of "
+                                 f"{input_ids.shape[-1]} tokens")
+            return [Segment(AUTHORS_IMAGE_START, end, side, side, "image", 0, 0)]
         segments: list[Segment] = []
         breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
         for run in torch.tensor_split(positions, breaks.tolist()):
@@ -57,6 +83,11 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def marker_token_ids(self) -> frozenset[int]:
+        # authors_fixed: image tokens outside the fixed span are text to the method (the authors' queries)
+        return frozenset() if self.image_span == "authors_fixed" else frozenset({self.model.config.image_token_id})
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
         return frozenset({self.model.config.image_token_id})
 
     def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
@@ -122,4 +153,19 @@ class LlavaAdapter(ModelAdapter):
             q = attn.q_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
             k = attn.k_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
             out.append(mean_received(q, k, attn.scale)[1:])
+        return out
+
+    @torch.no_grad()
+    def cls_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
+        """CLIP block attention of the CLS query (row 0) to every key, softmax over all 1 + side² keys, mean
+        over heads, the CLS column dropped: one (side²,) tensor per image (VScan's ``clip_encoder.py``)."""
+        args, kwargs = attention_call["args"], attention_call["kwargs"]
+        attn = attention_call["module"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (images, 1 + side², D)
+        out = []
+        for image in hidden:
+            q = attn.q_proj(image[:1]).view(1, attn.num_heads, -1).transpose(0, 1)  # (heads, 1, d)
+            k = attn.k_proj(image).view(image.shape[0], attn.num_heads, -1).transpose(0, 1)
+            row = (q.float() @ k.float().transpose(1, 2) * attn.scale).softmax(-1)  # (heads, 1, 1 + side²)
+            out.append(row.mean(0)[0, 1:])
         return out

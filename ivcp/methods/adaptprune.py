@@ -1,16 +1,20 @@
 """AdaptPrune (Luan et al., 2025): attention × centre prior, then adaptive NMS on key similarity.
 
+Source: bzluan/AdaptPrune, ``llava/model/language_model/adaptprune.py`` (LLaVA-1.5, 24 × 24 grid).
 Per segment (grid h × w), at layer K (signals of layers K−1 and K):
-- score = last prompt token's attention at layer K−1 (mean over heads) × a centred Gaussian prior
-  exp(−(r − r̄)²/(2σ_h²) − (c − c̄)²/(2σ_w²)), σ = half the grid size per axis (peak 1; LLaVA's
-  24 × 24 grid gives the reference's σ = 12);
+- score = last prompt token's attention at layer K−1 (mean over heads) × a centred Gaussian prior: per
+  axis of size s the coordinates are linspace(−s/2, s/2, s) (the source's linspace(−12, 12, 24): steps of
+  24/23, no coordinate at 0), σ = s/2 (the source's 12), exp(−(x²/(2σ_h²) + y²/(2σ_w²))) divided by its
+  maximum (peak 1 at the central cells);
 - similarity = cosine of L2-normalised k_proj of layer K's input (no norm, no rotary, all heads
   concatenated);
-- adaptive NMS until round(keep_ratio·N) (at least one) are kept: take the best remaining token; every token
-  within grid distance ``radius`` of it has its score multiplied by
-  1 − exp(−d²/(2·spatial_sigma²)) · exp(−(1 − cos)²/(2·similarity_sigma²)); the pick's score becomes 0.
-Layers < K keep their full cache; positions are kept. Unlike the reference, layer K−1 runs once
-(the reference runs it twice and duplicates its KV).
+- adaptive NMS until int(keep_ratio·N) (at least one; the source's int(576·ratio) = 57 at 0.1) are kept:
+  take the best remaining token; every token within grid distance ``radius`` of it has its score
+  multiplied by 1 − exp(−d²/(2·spatial_sigma²)) · exp(−(1 − cos)²/(2·similarity_sigma²)); the pick's
+  score becomes 0.
+Layers < K keep their full cache; positions are kept. Deviations: layer K−1 runs once (the source runs
+it twice and duplicates its KV); scores in float64 (the source: the model's dtype); grids other than
+24 × 24 (the source's only one) use the same rule per axis, symmetric about the centre.
 """
 
 from __future__ import annotations
@@ -20,19 +24,18 @@ from typing import ClassVar
 
 import torch
 
-from ..scoring import keep_count
 from .base import PruningMethod
 from .registry import register_method
 
 
 def centre_prior(grid_h: int, grid_w: int) -> torch.Tensor:
-    """Gaussian centred on the grid, σ = half the grid size per axis, peak 1; (h·w,) row-major."""
-    rows = torch.arange(grid_h, dtype=torch.float64)[:, None]
-    cols = torch.arange(grid_w, dtype=torch.float64)[None, :]
+    """AdaptPrune's centre prior, (h·w,) row-major: coordinates linspace(−s/2, s/2, s) per axis, σ = s/2,
+    the Gaussian divided by its maximum (see the module docstring)."""
+    rows = torch.linspace(-grid_h / 2, grid_h / 2, grid_h, dtype=torch.float64)[:, None]
+    cols = torch.linspace(-grid_w / 2, grid_w / 2, grid_w, dtype=torch.float64)[None, :]
     sigma_h, sigma_w = grid_h / 2, grid_w / 2
-    prior = torch.exp(-((rows - (grid_h - 1) / 2) ** 2) / (2 * sigma_h ** 2)
-                      - ((cols - (grid_w - 1) / 2) ** 2) / (2 * sigma_w ** 2))
-    return prior.flatten()
+    prior = torch.exp(-(rows ** 2) / (2 * sigma_h ** 2) - (cols ** 2) / (2 * sigma_w ** 2))
+    return (prior / prior.max()).flatten()
 
 
 def adaptive_nms(scores: torch.Tensor, keys: torch.Tensor, grid_h: int, grid_w: int, keep: int,
@@ -66,6 +69,13 @@ def adaptive_nms(scores: torch.Tensor, keys: torch.Tensor, grid_h: int, grid_w: 
 class AdaptPrune(PruningMethod):
     name: ClassVar[str] = "adaptprune"
     trims_earlier_layers: ClassVar[bool] = False
+    source: ClassVar[str] = """\
+Paper: Luan et al., 2025. Code: bzluan/AdaptPrune, llava/model/language_model/adaptprune.py (LLaVA-1.5).
+int(576 * ratio) tokens (57 at 0.1); centre prior linspace(-12, 12, 24), sigma 12, divided by its max; adaptive
+NMS (distance <= 5, sigma 1.5, similarity sigma 0.05) on k_proj of layer K's input.
+Deviations: layer K-1 runs once (the source runs it twice and duplicates its KV); float64 scores; other grids
+(Qwen, InternVL: no source code) use linspace(-s/2, s/2, s) and sigma s/2 per axis."""
+    bounds: ClassVar[dict[str, str]] = {"radius": ">= 0", "spatial_sigma": "> 0", "similarity_sigma": "> 0"}
 
     selection_layer: int | None = 2
     keep_ratio: float = 0.1
@@ -82,7 +92,7 @@ class AdaptPrune(PruningMethod):
             scores = attention[[position[t] for t in tokens.tolist()]].double().cpu() * centre_prior(seg.grid_h, seg.grid_w)
             keys = ctx.keys(tokens, layer=ctx.layer, norm=False, rotary=False)[0]  # (kv_heads, N, d)
             keys = torch.nn.functional.normalize(keys.transpose(0, 1).reshape(seg.n, -1), dim=-1).cpu()
-            picks = adaptive_nms(scores, keys, seg.grid_h, seg.grid_w, keep_count(self.keep_ratio, seg.n),
+            picks = adaptive_nms(scores, keys, seg.grid_h, seg.grid_w, max(1, int(self.keep_ratio * seg.n)),
                                  self.radius, self.spatial_sigma, self.similarity_sigma)
             kept.append(seg.start + picks.to(ctx.device))
         return torch.cat(kept)

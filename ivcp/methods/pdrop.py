@@ -9,10 +9,10 @@ projections and rotary (mean over heads); ``stage_ratios[i]`` of them stay (roun
 at least its best token). Earlier layers keep their KV cache (each layer caches what it processed).
 
 ``position_policy``: ``keep`` (default: kept tokens keep their original ids, best for grounding) or
-``renumber`` (PDrop's code: after each drop, positions close the gap, 0..n−1 for 1-D RoPE; for
-M-RoPE every id of a kept token moves down by the number of tokens dropped before it). Decoding
-uses the unpruned positions either way, as PDrop's code does (positions come from the full layer-0
-cache).
+``renumber`` (PDrop's code, ``modeling_llama_pdrop.py``: after each drop the prompt's positions close the
+gap — 0..n−1 for 1-D RoPE; for M-RoPE every id of a kept token moves down by the number of tokens dropped
+before it — and while decoding, a layer after stage s takes the unpruned ids minus the tokens dropped by
+stages ≤ s, as PDrop's decode loop shifts ``position_ids`` at each stage's layer).
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ POSITION_POLICIES = ("keep", "renumber")
 class PDrop(PruningMethod):
     name: ClassVar[str] = "pdrop"
     trims_earlier_layers: ClassVar[bool] = False
+    source: ClassVar[str] = """\
+Paper: Xing et al., CVPR 2025. Code: Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py (LLaVA only).
+Stages after layers {8, 16, 24} (ivcp: K = 8, 16, 24, the first layers without the dropped tokens),
+last-instruction-token attention with layer K's norm, q/k and rotary, mean over heads.
+position_policy="renumber" (the source; the harness's _PDrop entry): positions close up after each stage and
+decoding moves down by the tokens dropped so far at each layer. Default "keep": original ids (grounding).
+Deviations: round(lambda * remaining) (the source: int of a per-stage count); every image keeps its best
+token; several images ranked together. Other families: the same rule (no source code for them)."""
 
     selection_layer: int | None = None  # unused: see stage_layers
     stage_layers: tuple[int, ...] | None = None
