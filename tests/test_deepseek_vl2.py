@@ -1,0 +1,261 @@
+"""DeepSeek-VL2: the native model against a hand-written forward of the released (remote-code) layout, the
+tiling rule against the released processor's, the token layout, generation; the adapter's segments and every
+method's pruned decode against the masked no-cache oracle (MLA decoder, alone and in a batch of 3)."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivcp.models.deepseek_vl2 import (DeepseekVL2ForConditionalGeneration, candidate_resolutions, select_resolution,
+                                      state_dict_from_remote)
+from ivcp.testing import deepseek_vl2 as tiny
+from ivcp.testing import make_batch_inputs, make_image, make_inputs
+
+
+# --- a forward written from the released code's description, on the remote-layout weights ---------------------
+def _layer_norm(x, w, b, eps=1e-6):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def _rms(x, w, eps=1e-6):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _reference_vision(sd, pixels, cfg):
+    """timm's SigLIP ViT: conv patches + pos_embed, pre-norm blocks (fused qkv, tanh GELU), final norm."""
+    v = cfg.vision_config
+    x = F.conv2d(pixels, sd["vision.patch_embed.proj.weight"], sd["vision.patch_embed.proj.bias"], stride=v.patch_size)
+    x = x.flatten(2).transpose(1, 2) + sd["vision.pos_embed"]
+    heads = v.num_attention_heads
+    for i in range(v.num_hidden_layers):
+        p = f"vision.blocks.{i}."
+        y = _layer_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        b, n, _ = qkv.shape
+        q, k, val = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ val
+        x = x + F.linear(att.transpose(1, 2).reshape(b, n, -1), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        y = _layer_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        y = F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]), approximate="tanh")
+        x = x + F.linear(y, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return _layer_norm(x, sd["vision.norm.weight"], sd["vision.norm.bias"])
+
+
+def _reference_projector(sd, feats):
+    """Pad the patch grid to even sides, each 2 × 2 cell as [c0(0,0), c0(0,1), c0(1,0), c0(1,1), c1(0,0), …]."""
+    t, n, c = feats.shape
+    side = math.isqrt(n)
+    even = side + side % 2
+    grid = torch.zeros(t, even, even, c)
+    grid[:, :side, :side] = feats.view(t, side, side, c)
+    cells = []
+    for r in range(0, even, 2):
+        for col in range(0, even, 2):
+            block = grid[:, r:r + 2, col:col + 2]  # (t, 2, 2, c)
+            cells.append(block.permute(0, 3, 1, 2).reshape(t, c * 4))
+    x = torch.stack(cells, 1)
+    x = F.linear(x, sd["projector.layers.0.weight"], sd["projector.layers.0.bias"])
+    return F.linear(F.gelu(x), sd["projector.layers.2.weight"], sd["projector.layers.2.bias"])
+
+
+def _reference_image_sequence(sd, tiles, rows, cols, side):
+    """Global view row by row with a newline after each, the separator, then every mosaic row (tile row
+    by tile row, the tiles of a row left to right) with a newline after each."""
+    newline, sep = sd["image_newline"], sd["view_seperator"]
+    out = []
+    for r in range(side):
+        out += [tiles[0, r * side + c] for c in range(side)] + [newline]
+    out.append(sep)
+    for tile_row in range(rows):
+        for r in range(side):
+            for tile_col in range(cols):
+                tile = tiles[1 + tile_row * cols + tile_col]
+                out += [tile[r * side + c] for c in range(side)]
+            out.append(newline)
+    return torch.stack(out)
+
+
+def _rope_remote(x, pos, theta):
+    """The remote code's rotary: de-interleave the pairs, then x·cos + rotate_half(x)·sin."""
+    d = x.shape[-1]
+    x = x.view(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(x.shape)
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    freqs = pos[:, None].float() * inv[None]
+    emb = torch.cat([freqs, freqs], -1)
+    rotated = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+def _reference_language(sd, embeds, cfg):
+    """DeepseekV2 with MLA and MoE (softmax gate, greedy top-k, no renormalisation), causal, one sequence."""
+    t = cfg.text_config
+    h, nope, rope, vd = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim
+    theta = t.rope_parameters["rope_theta"]
+    x = embeds
+    n = x.shape[0]
+    pos = torch.arange(n)
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    for i in range(t.num_hidden_layers):
+        p = f"language.model.layers.{i}."
+        y = _rms(x, sd[p + "input_layernorm.weight"])
+        q = F.linear(y, sd[p + "self_attn.q_proj.weight"]).view(n, h, nope + rope).transpose(0, 1)
+        q_nope, q_pe = q[..., :nope], q[..., nope:]
+        ckv = F.linear(y, sd[p + "self_attn.kv_a_proj_with_mqa.weight"])
+        latent, k_pe = ckv[:, : t.kv_lora_rank], ckv[:, t.kv_lora_rank:]
+        kv = F.linear(_rms(latent, sd[p + "self_attn.kv_a_layernorm.weight"]), sd[p + "self_attn.kv_b_proj.weight"])
+        kv = kv.view(n, h, nope + vd).transpose(0, 1)
+        k_nope, values = kv[..., :nope], kv[..., nope:]
+        q_pe, k_pe = _rope_remote(q_pe, pos, theta), _rope_remote(k_pe[None], pos, theta).expand(h, n, rope)
+        qs, ks = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
+        att = ((qs @ ks.transpose(-1, -2)) * (nope + rope) ** -0.5 + causal).softmax(-1) @ values
+        x = x + F.linear(att.transpose(0, 1).reshape(n, -1), sd[p + "self_attn.o_proj.weight"])
+        y = _rms(x, sd[p + "post_attention_layernorm.weight"])
+
+        def mlp(z, prefix):
+            gate = F.silu(F.linear(z, sd[prefix + "gate_proj.weight"]))
+            return F.linear(gate * F.linear(z, sd[prefix + "up_proj.weight"]), sd[prefix + "down_proj.weight"])
+
+        if i < t.first_k_dense_replace:
+            x = x + mlp(y, p + "mlp.")
+        else:
+            scores = F.linear(y, sd[p + "mlp.gate.weight"]).softmax(-1)
+            weight, chosen = scores.topk(t.num_experts_per_tok, -1)
+            routed = torch.zeros_like(y)
+            for tok in range(n):
+                for w, e in zip(weight[tok], chosen[tok]):
+                    routed[tok] += w * t.routed_scaling_factor * mlp(y[tok], f"{p}mlp.experts.{int(e)}.")
+            x = x + routed + mlp(y, p + "mlp.shared_experts.")
+    return F.linear(_rms(x, sd["language.model.norm.weight"]), sd["language.lm_head.weight"])
+
+
+def reference_logits(sd, cfg, input_ids, pixel_values, image_tiles):
+    """Logits of one prompt (1, S) by the hand-written forward."""
+    embeds = sd["language.model.embed_tokens.weight"][input_ids[0]].clone()
+    tiles = _reference_projector(sd, _reference_vision(sd, pixel_values, cfg))
+    side, cursor, sequence = cfg.tokens_per_side, 0, []
+    for rows, cols in image_tiles.tolist():
+        sequence.append(_reference_image_sequence(sd, tiles[cursor: cursor + 1 + rows * cols], rows, cols, side))
+        cursor += 1 + rows * cols
+    embeds[input_ids[0] == cfg.image_token_id] = torch.cat(sequence)
+    return _reference_language(sd, embeds, cfg)
+
+
+def converted_model(seed=0, attn="sdpa"):
+    cfg = tiny.tiny_config(attn_implementation=attn)
+    remote = tiny.remote_state_dict(cfg, seed)
+    model = DeepseekVL2ForConditionalGeneration(cfg)
+    missing, unexpected = model.load_state_dict(state_dict_from_remote(remote, cfg), strict=True)
+    assert not missing and not unexpected
+    return model.eval(), remote, cfg
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_native_model_equals_the_remote_layout_forward(attn):
+    """Vision → projector → newline / separator layout → MLA + MoE decoder: the native model (weights converted
+    from the remote layout) gives the hand-written forward's logits, for a tiled image and one more image."""
+    model, remote, cfg = converted_model(attn=attn)
+    processor = tiny.tiny_processor()
+    inputs = make_inputs(processor, "What is in the two pictures?", images=[make_image(90, 40), make_image(30, 50, seed=3)])
+    assert inputs["image_tiles"].tolist() == [[2, 3], [2, 1]]  # 90 x 40 on a 105 x 70 canvas
+    with torch.no_grad():
+        ours = model(**inputs).logits[0]
+        expected = reference_logits(remote, cfg, inputs["input_ids"], inputs["pixel_values"], inputs["image_tiles"])
+    assert (ours - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def _released_rule(width, height, resolutions):
+    """The released processor's select_best_resolution, restated."""
+    best, best_eff, best_waste = None, 0, float("inf")
+    for w, h in resolutions:
+        scale = min(w / width, h / height)
+        eff = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (w, h), eff, waste
+    return best
+
+
+def test_tile_grids_and_token_counts_follow_the_released_rule():
+    """For many image sizes: the canvas equals the released rule's (384-px tiles, their 23 grids), its tiles
+    number cols · rows ≤ 9, and the image's token count is 14·15 + 1 + rows·14·(cols·14 + 1)."""
+    released = [[384, 384], [384, 768], [768, 384], [384, 1152], [1152, 384], [384, 1536], [1536, 384], [768, 768],
+                [384, 1920], [1920, 384], [384, 2304], [2304, 384], [768, 1152], [1152, 768], [384, 2688],
+                [2688, 384], [384, 3072], [3072, 384], [768, 1536], [1536, 768], [384, 3456], [3456, 384],
+                [1152, 1152]]
+    assert candidate_resolutions(384) == released
+    cfg = tiny.tiny_config()
+    rng = random.Random(0)
+    sizes = [(rng.randint(10, 4000), rng.randint(10, 4000)) for _ in range(400)] + [(384, 384), (640, 480), (1, 5000)]
+    for width, height in sizes:
+        w, h = select_resolution(width, height, released)
+        assert (w, h) == _released_rule(width, height, released)
+        assert (w // 384) * (h // 384) <= 9
+    # token counts of the real geometry (27 patches → 14 tokens a side)
+    from ivcp.models.deepseek_vl2 import DeepseekVL2Config
+    real = DeepseekVL2Config(image_token_id=0)
+    assert real.tokens_per_side == 14 and real.image_token_count(1, 1) == 14 * 15 + 1 + 14 * 15
+    assert real.image_token_count(2, 3) == 210 + 1 + 28 * 43
+    # the tiny processor writes exactly that many image tokens and tiles, per image
+    processor = tiny.tiny_processor()
+    for width, height in [(90, 40), (35, 35), (20, 300), (200, 120), (36, 71)]:
+        inputs = processor(text="<image>", images=[make_image(width, height)])
+        rows, cols = inputs["image_tiles"][0].tolist()
+        expect_w, expect_h = _released_rule(width, height, candidate_resolutions(tiny.TILE))
+        assert (rows, cols) == (expect_h // tiny.TILE, expect_w // tiny.TILE)
+        assert inputs["pixel_values"].shape[0] == 1 + rows * cols
+        n = int((inputs["input_ids"] == cfg.image_token_id).sum())
+        assert n == 3 * 4 + 1 + rows * 3 * (cols * 3 + 1)
+    # more than two images in a prompt: no tiling
+    inputs = processor(text="<image><image><image>", images=[make_image(200, 120, seed=i) for i in range(3)])
+    assert inputs["image_tiles"].tolist() == [[1, 1]] * 3 and inputs["pixel_values"].shape[0] == 6
+
+
+def test_chat_format_is_the_released_template():
+    processor = tiny.tiny_processor()
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}])
+    assert text == "<|User|>: <image>\nHi?\n\n<|Assistant|>:"
+    ids = processor(text=text, images=[make_image(35, 35)])["input_ids"][0]
+    assert int(ids[0]) == processor.tokenizer.convert_tokens_to_ids(tiny.BOS)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_equals_greedy_without_cache_and_batches(attn):
+    """generate() (KV cache) picks the tokens a no-cache greedy loop picks; a left-padded batch of two gives
+    each row's own tokens."""
+    model, processor = tiny.tiny_model(attn_implementation=attn)
+    rows = [dict(prompt="Describe.", images=[make_image(90, 40)]), dict(prompt="What is it?", images=[make_image(40, 60, seed=1)])]
+    singles = []
+    for row in rows:
+        inputs = make_inputs(processor, **row)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        ids = inputs["input_ids"]
+        with torch.no_grad():
+            for _ in range(4):
+                logits = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=False).logits[:, -1]
+                logits[:, model.generation_config.suppress_tokens] = float("-inf")
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        expected = ids[0, -4:].tolist()
+        eos = processor.tokenizer.eos_token_id
+        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+        assert out.tolist() == expected
+        singles.append(out.tolist())
+    batch = make_batch_inputs(processor, rows)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    pad = processor.tokenizer.pad_token_id
+    assert [[t for t in row if t != pad][: len(single)] for row, single in zip(out.tolist(), singles)] == singles
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, processor = tiny.tiny_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = DeepseekVL2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    from ivcp.models.deepseek_vl2_processor import DeepseekVL2Processor
+    again = DeepseekVL2Processor.from_pretrained(tmp_path)
+    inputs = make_inputs(again, "Describe.", images=[make_image(90, 40)])
+    assert inputs["input_ids"].tolist() == make_inputs(processor, "Describe.", images=[make_image(90, 40)])["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
