@@ -362,7 +362,7 @@ class SelectionContext:
         ``norm=False``, of the layer's input without its input norm (the authors' InternVL code)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         cached = self._cached(layer)
-        if cached is not None and norm:
+        if cached is not None and norm and self._session.adapter.cache_holds_heads:
             return cached.values[self.row: self.row + 1, :, self._columns(tokens)].float()
         return self._projection("v", layer, tokens, norm=norm).float()
 
@@ -371,7 +371,7 @@ class SelectionContext:
         """Key vectors of a layer's input (K−1 by default), float32, (1, kv_heads, T, d)."""
         layer = self._check_layer(self.layer - 1 if layer is None else layer)
         cached = self._cached(layer)
-        if cached is not None and norm and rotary:
+        if cached is not None and norm and rotary and self._session.adapter.cache_holds_heads:
             return cached.keys[self.row: self.row + 1, :, self._columns(tokens)].float()
         return self._projection("k", layer, tokens, norm=norm, rotary=rotary).float()
 
@@ -527,7 +527,7 @@ class PruneSession:
             elif bool(padding.all(dim=1).any()):
                 raise ValueError("a row of the batch is all padding (its attention_mask is all zeros)")
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
-                                    kwargs.get("image_sizes"), padding)
+                                    self.adapter.layout_inputs(kwargs), padding)
         if padding is not None and kwargs.get("position_ids") is None and self.adapter.position_rows == 1:
             # 1-D RoPE numbers a padded row from its first pad when no ids are given: the unpruned model does not
             # mind (RoPE is relative), but methods that read absolute positions (IVC) would choose differently
@@ -611,7 +611,7 @@ class PruneSession:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
             state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
             state.cache = cache_kwarg(kwargs)
-            state.rotary = tuple(kwargs["position_embeddings"])
+            state.rotary = self.adapter.split_position_embeddings(kwargs["position_embeddings"])
             state.current_positions = state.position_ids
         if index in state.additions:
             hidden = self._add_layer_inputs(index, hidden)
@@ -675,8 +675,8 @@ class PruneSession:
             rotary = self.adapter.rotary_embedding(hidden, positions)
         else:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
-            cos, sin = state.originals["position_embeddings"]
-            rotary = (gather_columns(cos, new.tokens, 1), gather_columns(sin, new.tokens, 1))
+            parts = self.adapter.split_position_embeddings(state.originals["position_embeddings"])
+            rotary = tuple(gather_columns(part, new.tokens, 1) for part in parts)
         state.layout, state.current_positions, state.rotary = new, positions, rotary
         state.layer_kwargs = self._sliced(state, new, rotary)
         for row in range(state.batch):
@@ -722,7 +722,8 @@ class PruneSession:
                              "use attn_implementation 'sdpa', 'eager' or 'flash_attention_2'")
         # position_ids only tell flash-attention where packed sequences start: each row's kept tokens are
         # one sequence, so none are passed (sliced ids would look like many packed sequences).
-        return {"attention_mask": mask, "position_embeddings": rotary, "position_ids": None}
+        return {"attention_mask": mask, "position_embeddings": self.adapter.join_position_embeddings(rotary),
+                "position_ids": None}
 
     def _record(self, state: _PrefillState, cache) -> BatchRecord:
         n_layers = len(self.adapter.layers)

@@ -259,3 +259,105 @@ def test_save_and_load_round_trip(tmp_path):
     assert inputs["input_ids"].tolist() == make_inputs(processor, "Describe.", images=[make_image(90, 40)])["input_ids"].tolist()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+# --- the adapter: segments, and every method's pruned decode against the oracle ----------------------------------
+import ivcp  # noqa: E402
+from ivcp.adapters import adapter_for  # noqa: E402
+
+from conftest import get_model  # noqa: E402
+from test_batch import check_rows_like_alone  # noqa: E402
+from test_families import METHODS, _decode_like_the_oracle  # noqa: E402
+
+
+def test_rows_are_segments_of_one_unit_and_markup_is_kept():
+    """A 90 x 40 picture (2 x 3 tiles) and a 30 x 50 one (2 x 1): per image 3 global rows of 3 tokens, then 6
+    (resp. 6) mosaic rows of 9 (resp. 3) tokens; newlines and the separator lie outside every segment and
+    survive pruning; the rows recovered without image_tiles are the same when the count is unambiguous."""
+    model, processor = get_model("deepseek_vl2")
+    inputs = make_inputs(processor, "Compare.", images=[make_image(90, 40), make_image(30, 50, seed=3)])
+    adapter = adapter_for(model)
+    ids = inputs["input_ids"][0]
+    segments = adapter.segments(ids, image_sizes=inputs["image_tiles"])
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    first = int(image[0])
+    expected = [(first + r * 4, first + r * 4 + 3) for r in range(3)]  # global rows, newline after each
+    local = first + 12 + 1  # after 3 x 4 global positions and the separator
+    expected += [(local + r * 10, local + r * 10 + 9) for r in range(6)]  # mosaic rows of 3 tiles + newline
+    second = local + 6 * 10 + 1  # the template's "\n" after the first image
+    expected += [(second + r * 4, second + r * 4 + 3) for r in range(3)]
+    local2 = second + 13
+    expected += [(local2 + r * 4, local2 + r * 4 + 3) for r in range(6)]
+    assert [(s.start, s.end) for s in segments] == expected
+    assert [s.source for s in segments] == [0] * 9 + [1] * 9 and [s.part for s in segments[:9]] == list(range(9))
+    assert len(image) == local2 + 6 * 4 - first - 1
+    markup = sorted(set(image.tolist()) - {t for s in segments for t in range(s.start, s.end)})
+    assert len(markup) == 2 * (3 + 1 + 6)
+    with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.25) as session:
+        model(**inputs)
+    kept = set(session.last.kept.tolist())
+    assert set(markup) <= kept
+    assert 0 < len([t for t in kept if any(s.start <= t < s.end for s in segments)]) < (9 + 54 + 9 + 18) // 2
+    # without image_tiles: an ambiguous token count is refused (3 x 3-token tiles: 2 x 3 and 3 x 2 ... coincide);
+    # with the released geometry (14 x 14 tokens a tile) every layout has its own count
+    single = make_inputs(processor, "Describe.", images=[make_image(90, 40)])
+    with pytest.raises(ValueError, match="pass image_tiles"):
+        adapter.segments(single["input_ids"][0])
+    from types import SimpleNamespace
+    from ivcp.adapters.deepseek_vl2 import DeepseekVL2Adapter
+    from ivcp.models.deepseek_vl2 import DeepseekVL2Config
+    real = DeepseekVL2Adapter(SimpleNamespace(config=DeepseekVL2Config(image_token_id=0)))
+    for w, h in candidate_resolutions(384):
+        assert real._infer_layout(real.model.config.image_token_count(h // 384, w // 384), 0) == (h // 384, w // 384)
+
+
+def test_mla_keys_values_and_rotary_are_the_models():
+    """The adapter's q / k (rotary applied) reproduce the layer's eager attention probabilities, its v
+    reproduces the attention output before o_proj: so IVC-Prune's values are the model's (from kv_b_proj)."""
+    model, processor = get_model("deepseek_vl2", "eager")
+    adapter = adapter_for(model)
+    inputs = make_inputs(processor, "Where?", images=[make_image(40, 40)])
+    layer = adapter.layers[1]
+    attention = adapter.attention(layer)
+    seen = {}
+
+    def grab(module, args, kwargs, out):
+        seen["hidden"], seen["pe"], seen["probs"] = kwargs["hidden_states"], kwargs["position_embeddings"], out[1]
+
+    handle = attention.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, output_attentions=True)
+    finally:
+        handle.remove()
+    cos, sin = adapter.split_position_embeddings(seen["pe"])
+    with torch.no_grad():
+        q = adapter.rotate(adapter.project_heads(attention, "q", seen["hidden"]), cos, sin)
+        k = adapter.rotate(adapter.project_heads(attention, "k", seen["hidden"]), cos, sin)
+        v = adapter.project_heads(attention, "v", seen["hidden"])
+    n = q.shape[2]
+    logits = (q @ k.transpose(-1, -2)) * adapter.attention_scale(layer)
+    probs = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    torch.testing.assert_close(probs, seen["probs"], atol=1e-5, rtol=0)
+    assert v.shape[-1] == model.config.text_config.v_head_dim
+    assert adapter.rope.head_dim == model.config.text_config.qk_rope_head_dim
+    assert torch.equal(adapter.join_position_embeddings((cos, sin)), seen["pe"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_matches_the_oracle(method, attn):
+    """A 90 x 40 picture (6 local tiles + the global view) on the MLA decoder, the family's defaults."""
+    model, processor = get_model("deepseek_vl2", attn)
+    inputs = make_inputs(processor, "Where is the largest shape? Answer briefly.", images=[make_image(90, 40, seed=4)])
+    _decode_like_the_oracle(model, inputs, method, {})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_prunes_each_row_of_a_batch_as_alone(method):
+    """A tiled picture, a prompt without images, two pictures (each tiled): each row as alone and as the oracle."""
+    model, processor = get_model("deepseek_vl2")
+    rows = [dict(prompt="Where is the largest shape? Answer briefly.", images=[make_image(90, 40, seed=4)]),
+            dict(prompt="Say hello."),
+            dict(prompt="Compare the two small pictures.", images=[make_image(30, 50, seed=7), make_image(50, 35, seed=8)])]
+    check_rows_like_alone(model, processor, rows, method)
