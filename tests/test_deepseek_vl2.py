@@ -361,3 +361,23 @@ def test_every_method_prunes_each_row_of_a_batch_as_alone(method):
             dict(prompt="Say hello."),
             dict(prompt="Compare the two small pictures.", images=[make_image(30, 50, seed=7), make_image(50, 35, seed=8)])]
     check_rows_like_alone(model, processor, rows, method)
+
+
+# --- the benchmark ------------------------------------------------------------------------------------------------
+def test_bench_architecture_and_synthetic_inputs():
+    """deepseek_vl2_small builds on the meta device with DeepSeek-VL2-Small's published 16.1 B parameters; the
+    synthetic inputs follow the released tiling (a 480 x 640 picture: 2 x 2 tiles, 14·15 + 1 + 28·29 tokens) and
+    the tiny model runs through the benchmark."""
+    from ivcp import bench
+
+    model = bench.random_model("deepseek_vl2_small", device="meta", dtype=torch.bfloat16)
+    assert 16.0e9 < sum(p.numel() for p in model.parameters()) < 16.25e9
+    adapter = adapter_for(model)
+    inputs = adapter.synthetic_inputs((480, 640), torch.arange(40, 50), torch.arange(60, 70), torch.Generator())
+    assert inputs["image_tiles"].tolist() == [[2, 2]] and tuple(inputs["pixel_values"].shape) == (5, 3, 384, 384)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 14 * 15 + 1 + 28 * 29
+    tiny_model_, _ = get_model("deepseek_vl2")
+    cases = bench.run(tiny_model_, bench.plan(["vanilla", "ivc_prune"], None, [(40, 90)]), repeats=1, warmup=0,
+                      new_tokens=2, log=lambda *_: None)
+    rows = bench.summarise(tiny_model_, cases)
+    assert [r["label"] for r in rows][:2] == ["vanilla", "ivc_prune"]

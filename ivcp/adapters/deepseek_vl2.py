@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from ..models import deepseek_vl2 as _models  # noqa: F401  (registers the model with transformers' Auto classes)
 from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
 
 
@@ -186,6 +187,35 @@ class DeepseekVL2Adapter(ModelAdapter):
         self._batch_layouts = [layout for row in out for layout in
                                dict.fromkeys((s.source, s.layout) for s in row)]  # (source, layout) in order
         return out
+
+    # --- the benchmark -----------------------------------------------------------------------
+    def synthetic_inputs(self, image_size: tuple[int, int], text_before: torch.Tensor, text_after: torch.Tensor,
+                         generator: torch.Generator) -> dict:
+        """One image of ``image_size`` (H, W) tiled as the released processor does (one image: tiled)."""
+        from ..models.deepseek_vl2 import select_resolution
+
+        config = self.model.config
+        width, height = select_resolution(image_size[1], image_size[0], config.candidate_resolutions)
+        rows, cols = height // config.tile_size, width // config.tile_size
+        image = torch.full((config.image_token_count(rows, cols),), int(config.image_token_id))
+        input_ids = torch.cat([text_before, image, text_after])[None]
+        side = config.tile_size
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": torch.randn(1 + rows * cols, 3, side, side, generator=generator),
+                "image_tiles": torch.tensor([[rows, cols]])}
+
+    def vision_flops(self, inputs: dict) -> int:
+        """SigLIP over every tile (global view and local tiles) + the projector on each tile's h × w cells."""
+        from ..analytic import vit_flops
+
+        config = self.model.config
+        v = config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        hidden, cells = config.text_config.hidden_size, config.tokens_per_side ** 2
+        projector = 2 * cells * (v.hidden_size * config.downsample_ratio ** 2 * hidden
+                                 + (config.projector_depth - 1) * hidden * hidden)
+        tiles = int(inputs["pixel_values"].shape[0])
+        return tiles * (vit_flops(patches, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
 
     # --- the vision tower (SigLIP) --------------------------------------------------------------
     @property

@@ -387,3 +387,17 @@ def state_dict_from_remote(remote: dict[str, torch.Tensor], config: DeepseekVL2C
         out[base + "gate_up_proj"] = torch.stack([torch.cat([g, u], 0) for g, u in zip(gate, up)])
         out[base + "down_proj"] = torch.stack(down)
     return out
+
+
+def _register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForImageTextToText`` know ``deepseek_vl2`` (for from_config / from_pretrained)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        AutoConfig.register(DeepseekVL2Config.model_type, DeepseekVL2Config)
+        AutoModelForImageTextToText.register(DeepseekVL2Config, DeepseekVL2ForConditionalGeneration)
+    except ValueError:  # already registered (a reload)
+        pass
+
+
+_register_auto_classes()
