@@ -353,6 +353,13 @@ def test_every_method_matches_the_oracle(method, attn):
     _decode_like_the_oracle(model, inputs, method, {})
 
 
+def test_renumbered_positions_match_the_oracle():
+    """PDrop's renumbering recomputes DeepseekV2's complex rotary for the kept tokens."""
+    model, processor = get_model("deepseek_vl2")
+    inputs = make_inputs(processor, "Where is the largest shape? Answer briefly.", images=[make_image(90, 40, seed=4)])
+    _decode_like_the_oracle(model, inputs, "pdrop", {"position_policy": "renumber"})
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_prunes_each_row_of_a_batch_as_alone(method):
     """A tiled picture, a prompt without images, two pictures (each tiled): each row as alone and as the oracle."""
