@@ -18,7 +18,7 @@ if [ -z "${LMUData:-}" ]; then
   echo "set LMUData to the folder with the benchmarks' TSVs (there is no synthetic general-VQA data)" >&2
   exit 2
 fi
-MODELS=${MODELS:-deepseek-vl2-small}
+MODELS=${MODELS:-deepseek-vl2-small}  # or deepseek-vl2-tiny
 METHODS=${METHODS:-vanilla,fastv,window_fastv,pdrop,ivc_prune}
 launch
 tables general table2_general_vqa.csv

@@ -20,7 +20,7 @@ if [ -z "${LMUData:-}" ]; then
   echo "set LMUData to the folder with the grounding TSVs (or run test_ivcp_qwen_grounding.sh for the embedded default)" >&2
   exit 2
 fi
-MODELS=${MODELS:-deepseek-vl2-small}
+MODELS=${MODELS:-deepseek-vl2-small}  # or deepseek-vl2-tiny
 METHODS=${METHODS:-vanilla,fastv,window_fastv,pdrop,ivc_prune}
 launch
 tables grounding table1_grounding.csv

@@ -7,7 +7,7 @@ import importlib.util
 import torch
 
 TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:llava", "tiny:internvl", "tiny:internvl_llama",
-              "tiny:deepseek_vl2",
+              "tiny:deepseek_vl2", "tiny:deepseek_vl2_mha",
               "tiny:grounder")
 
 

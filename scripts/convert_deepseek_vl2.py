@@ -17,9 +17,10 @@ The key mapping (``ivcp.models.deepseek_vl2.state_dict_from_remote``): timm SigL
 final ``norm`` → ``post_layernorm``; the unused ``attn_pool`` head dropped); ``projector.layers.*`` kept;
 ``view_seperator`` → ``view_separator``; ``language.model.*`` → ``model.language_model.*`` with each MoE layer's
 experts stacked into transformers' fused ``gate_up_proj`` (gate rows then up rows) and ``down_proj``;
-``language.lm_head`` → ``lm_head``. Settings transformers' DeepseekV2 lacks are refused by name (DeepSeek-VL2-Tiny's
-multi-head attention ``use_mla: false``; ``noaux_tc`` / sigmoid routing; ``norm_topk_prob``). Exit status 2 on a
-checkpoint it cannot convert, naming the problem.
+``language.lm_head`` → ``lm_head``. DeepSeek-VL2-Tiny (``use_mla: false``) keeps its q / k / v / o projections for
+ivcp's multi-head attention layer. Settings transformers' DeepseekV2 lacks are refused by name (``noaux_tc`` /
+sigmoid routing, ``norm_topk_prob``, ``rope_scaling``). Exit status 2 on a checkpoint it cannot convert, naming the
+problem.
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ def _converter():
     return module
 
 
-def remote_folder(folder: Path, **language_overrides) -> dict:
-    """A released-layout checkpoint of the tiny architecture; returns its weights."""
-    cfg = tiny.tiny_config()
+def remote_folder(folder: Path, family: str = "deepseek_vl2", **language_overrides) -> dict:
+    """A released-layout checkpoint of the tiny architecture (MLA, or ``deepseek_vl2_mha``: DeepSeek-VL2-Tiny's
+    multi-head attention); returns its weights."""
+    cfg = tiny.tiny_config(family)
     t, v = cfg.text_config, cfg.vision_config
     language = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                     moe_intermediate_size=t.moe_intermediate_size, num_hidden_layers=t.num_hidden_layers,
@@ -39,7 +40,7 @@ def remote_folder(folder: Path, **language_overrides) -> dict:
                     qk_rope_head_dim=t.qk_rope_head_dim, v_head_dim=t.v_head_dim, n_routed_experts=t.n_routed_experts,
                     num_experts_per_tok=t.num_experts_per_tok, n_shared_experts=t.n_shared_experts,
                     first_k_dense_replace=t.first_k_dense_replace, topk_method="greedy", n_group=1, topk_group=1,
-                    routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax", use_mla=True,
+                    routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax", use_mla=cfg.use_mla,
                     moe_layer_freq=1, vocab_size=t.vocab_size, rope_theta=10000.0, rms_norm_eps=1e-6,
                     max_position_embeddings=4096, model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
     language.update(language_overrides)
@@ -69,8 +70,9 @@ def remote_folder(folder: Path, **language_overrides) -> dict:
     return weights
 
 
-def test_converted_checkpoint_matches_the_remote_layout_forward(tmp_path):
-    weights = remote_folder(tmp_path / "remote")
+@pytest.mark.parametrize("family", ["deepseek_vl2", "deepseek_vl2_mha"])
+def test_converted_checkpoint_matches_the_remote_layout_forward(tmp_path, family):
+    weights = remote_folder(tmp_path / "remote", family)
     assert _converter().main(["--src", str(tmp_path / "remote"), "--out", str(tmp_path / "native")]) == 0
     model = DeepseekVL2ForConditionalGeneration.from_pretrained(tmp_path / "native").eval()
     processor = DeepseekVL2Processor.from_pretrained(str(tmp_path / "native"))
@@ -85,9 +87,11 @@ def test_converted_checkpoint_matches_the_remote_layout_forward(tmp_path):
         expected = reference_logits(weights, model.config, inputs["input_ids"], inputs["pixel_values"], inputs["image_tiles"])
     assert (logits - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    assert model.config.use_mla == (family == "deepseek_vl2")
 
 
-@pytest.mark.parametrize("override,message", [({"use_mla": False}, "use_mla"), ({"topk_method": "noaux_tc"}, "topk_method"),
+@pytest.mark.parametrize("override,message", [({"topk_method": "noaux_tc"}, "topk_method"),
+                                              ({"rope_scaling": {"type": "yarn", "factor": 40}}, "rope_scaling"),
                                               ({"scoring_func": "sigmoid"}, "scoring_func"),
                                               ({"norm_topk_prob": True}, "norm_topk_prob")])
 def test_unsupported_checkpoints_are_refused_by_name(tmp_path, capsys, override, message):

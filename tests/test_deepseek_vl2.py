@@ -78,10 +78,12 @@ def _reference_image_sequence(sd, tiles, rows, cols, side):
     return torch.stack(out)
 
 
-def _rope_remote(x, pos, theta):
-    """The remote code's rotary: de-interleave the pairs, then x·cos + rotate_half(x)·sin."""
+def _rope_remote(x, pos, theta, interleaved=True):
+    """The remote code's rotary: (MLA) de-interleave the pairs, then x·cos + rotate_half(x)·sin; (Llama attention,
+    ``interleaved=False``) x·cos + rotate_half(x)·sin directly."""
     d = x.shape[-1]
-    x = x.view(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(x.shape)
+    if interleaved:
+        x = x.view(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(x.shape)
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     freqs = pos[:, None].float() * inv[None]
     emb = torch.cat([freqs, freqs], -1)
@@ -90,7 +92,8 @@ def _rope_remote(x, pos, theta):
 
 
 def _reference_language(sd, embeds, cfg):
-    """DeepseekV2 with MLA and MoE (softmax gate, greedy top-k, no renormalisation), causal, one sequence."""
+    """DeepseekV2 with MLA (or, ``use_mla`` false, Llama's grouped multi-head attention) and MoE (softmax gate,
+    greedy top-k, no renormalisation), causal, one sequence."""
     t = cfg.text_config
     h, nope, rope, vd = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim
     theta = t.rope_parameters["rope_theta"]
@@ -101,6 +104,18 @@ def _reference_language(sd, embeds, cfg):
     for i in range(t.num_hidden_layers):
         p = f"language.model.layers.{i}."
         y = _rms(x, sd[p + "input_layernorm.weight"])
+        if not cfg.use_mla:
+            hd, kvh = t.hidden_size // h, t.num_key_value_heads
+            q = F.linear(y, sd[p + "self_attn.q_proj.weight"]).view(n, h, hd).transpose(0, 1)
+            k = F.linear(y, sd[p + "self_attn.k_proj.weight"]).view(n, kvh, hd).transpose(0, 1)
+            val = F.linear(y, sd[p + "self_attn.v_proj.weight"]).view(n, kvh, hd).transpose(0, 1)
+            q, k = _rope_remote(q, pos, theta, False), _rope_remote(k, pos, theta, False)
+            k, val = k.repeat_interleave(h // kvh, 0), val.repeat_interleave(h // kvh, 0)
+            att = ((q @ k.transpose(-1, -2)) * hd ** -0.5 + causal).softmax(-1) @ val
+            x = x + F.linear(att.transpose(0, 1).reshape(n, -1), sd[p + "self_attn.o_proj.weight"])
+            y = _rms(x, sd[p + "post_attention_layernorm.weight"])
+            x = x + _reference_mlp(sd, y, i, cfg)
+            continue
         q = F.linear(y, sd[p + "self_attn.q_proj.weight"]).view(n, h, nope + rope).transpose(0, 1)
         q_nope, q_pe = q[..., :nope], q[..., nope:]
         ckv = F.linear(y, sd[p + "self_attn.kv_a_proj_with_mqa.weight"])
@@ -113,22 +128,27 @@ def _reference_language(sd, embeds, cfg):
         att = ((qs @ ks.transpose(-1, -2)) * (nope + rope) ** -0.5 + causal).softmax(-1) @ values
         x = x + F.linear(att.transpose(0, 1).reshape(n, -1), sd[p + "self_attn.o_proj.weight"])
         y = _rms(x, sd[p + "post_attention_layernorm.weight"])
-
-        def mlp(z, prefix):
-            gate = F.silu(F.linear(z, sd[prefix + "gate_proj.weight"]))
-            return F.linear(gate * F.linear(z, sd[prefix + "up_proj.weight"]), sd[prefix + "down_proj.weight"])
-
-        if i < t.first_k_dense_replace:
-            x = x + mlp(y, p + "mlp.")
-        else:
-            scores = F.linear(y, sd[p + "mlp.gate.weight"]).softmax(-1)
-            weight, chosen = scores.topk(t.num_experts_per_tok, -1)
-            routed = torch.zeros_like(y)
-            for tok in range(n):
-                for w, e in zip(weight[tok], chosen[tok]):
-                    routed[tok] += w * t.routed_scaling_factor * mlp(y[tok], f"{p}mlp.experts.{int(e)}.")
-            x = x + routed + mlp(y, p + "mlp.shared_experts.")
+        x = x + _reference_mlp(sd, y, i, cfg)
     return F.linear(_rms(x, sd["language.model.norm.weight"]), sd["language.lm_head.weight"])
+
+
+def _reference_mlp(sd, y, i, cfg):
+    """Layer i's feed-forward: dense SwiGLU before first_k_dense_replace, else softmax-routed experts + shared."""
+    t, p = cfg.text_config, f"language.model.layers.{i}."
+
+    def mlp(z, prefix):
+        gate = F.silu(F.linear(z, sd[prefix + "gate_proj.weight"]))
+        return F.linear(gate * F.linear(z, sd[prefix + "up_proj.weight"]), sd[prefix + "down_proj.weight"])
+
+    if i < t.first_k_dense_replace:
+        return mlp(y, p + "mlp.")
+    scores = F.linear(y, sd[p + "mlp.gate.weight"]).softmax(-1)
+    weight, chosen = scores.topk(t.num_experts_per_tok, -1)
+    routed = torch.zeros_like(y)
+    for tok in range(y.shape[0]):
+        for w, e in zip(weight[tok], chosen[tok]):
+            routed[tok] += w * t.routed_scaling_factor * mlp(y[tok], f"{p}mlp.experts.{int(e)}.")
+    return routed + mlp(y, p + "mlp.shared_experts.")
 
 
 def reference_logits(sd, cfg, input_ids, pixel_values, image_tiles):
@@ -143,8 +163,8 @@ def reference_logits(sd, cfg, input_ids, pixel_values, image_tiles):
     return _reference_language(sd, embeds, cfg)
 
 
-def converted_model(seed=0, attn="sdpa"):
-    cfg = tiny.tiny_config(attn_implementation=attn)
+def converted_model(seed=0, attn="sdpa", family="deepseek_vl2"):
+    cfg = tiny.tiny_config(family, attn_implementation=attn)
     remote = tiny.remote_state_dict(cfg, seed)
     model = DeepseekVL2ForConditionalGeneration(cfg)
     missing, unexpected = model.load_state_dict(state_dict_from_remote(remote, cfg), strict=True)
@@ -152,11 +172,12 @@ def converted_model(seed=0, attn="sdpa"):
     return model.eval(), remote, cfg
 
 
+@pytest.mark.parametrize("family", ["deepseek_vl2", "deepseek_vl2_mha"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_native_model_equals_the_remote_layout_forward(attn):
-    """Vision → projector → newline / separator layout → MLA + MoE decoder: the native model (weights converted
-    from the remote layout) gives the hand-written forward's logits, for a tiled image and one more image."""
-    model, remote, cfg = converted_model(attn=attn)
+def test_native_model_equals_the_remote_layout_forward(attn, family):
+    """Vision → projector → newline / separator layout → MLA (or multi-head) + MoE decoder: the native model (weights
+    converted from the remote layout) gives the hand-written forward's logits, for a tiled image and one more."""
+    model, remote, cfg = converted_model(attn=attn, family=family)
     processor = tiny.tiny_processor()
     inputs = make_inputs(processor, "What is in the two pictures?", images=[make_image(90, 40), make_image(30, 50, seed=3)])
     assert inputs["image_tiles"].tolist() == [[2, 3], [2, 1]]  # 90 x 40 on a 105 x 70 canvas
@@ -344,11 +365,13 @@ def test_mla_keys_values_and_rotary_are_the_models():
     assert torch.equal(adapter.join_position_embeddings((cos, sin)), seen["pe"])
 
 
+@pytest.mark.parametrize("family", ["deepseek_vl2", "deepseek_vl2_mha"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_matches_the_oracle(method, attn):
-    """A 90 x 40 picture (6 local tiles + the global view) on the MLA decoder, the family's defaults."""
-    model, processor = get_model("deepseek_vl2", attn)
+def test_every_method_matches_the_oracle(method, attn, family):
+    """A 90 x 40 picture (6 local tiles + the global view) on the MLA and the multi-head decoder, the family's
+    defaults."""
+    model, processor = get_model(family, attn)
     inputs = make_inputs(processor, "Where is the largest shape? Answer briefly.", images=[make_image(90, 40, seed=4)])
     _decode_like_the_oracle(model, inputs, method, {})
 
@@ -360,10 +383,11 @@ def test_renumbered_positions_match_the_oracle():
     _decode_like_the_oracle(model, inputs, "pdrop", {"position_policy": "renumber"})
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_prunes_each_row_of_a_batch_as_alone(method):
+@pytest.mark.parametrize("family,method", [("deepseek_vl2", m) for m in METHODS] +
+                         [("deepseek_vl2_mha", m) for m in ("ivc_prune", "fastv", "pdrop", "vscan")])
+def test_every_method_prunes_each_row_of_a_batch_as_alone(family, method):
     """A tiled picture, a prompt without images, two pictures (each tiled): each row as alone and as the oracle."""
-    model, processor = get_model("deepseek_vl2")
+    model, processor = get_model(family)
     rows = [dict(prompt="Where is the largest shape? Answer briefly.", images=[make_image(90, 40, seed=4)]),
             dict(prompt="Say hello."),
             dict(prompt="Compare the two small pictures.", images=[make_image(30, 50, seed=7), make_image(50, 35, seed=8)])]

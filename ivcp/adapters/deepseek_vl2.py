@@ -12,7 +12,8 @@ and the separator belong to no segment: they are markup, always kept. An image's
 tile is not contiguous in the sequence: tiles as segments would need segments with strides.) The tiles' layout
 comes from the ``image_tiles`` input; without it, from the image's token count when that is unambiguous.
 
-Rotary: DeepseekV2 rotates the last ``qk_rope_head_dim`` dims of each query / key head as complex pairs, θ from
+DeepSeek-VL2-Tiny (``use_mla`` false) has plain multi-head attention: per-head keys and values in the cache,
+rotary over whole heads. Rotary (MLA): DeepseekV2 rotates the last ``qk_rope_head_dim`` dims of each query / key head as complex pairs, θ from
 the config; the IVC scores use those dims (RopeSpec.head_dim = qk_rope_head_dim). The KV cache holds
 compressed latents, so keys and values are recomputed from a layer's input: values are the value part of
 ``kv_b_proj`` (per head, ``v_head_dim``), keys the per-head no-rope part plus the shared rotary key.
@@ -34,14 +35,22 @@ class DeepseekVL2Adapter(ModelAdapter):
     family = "deepseek_vl2"
     model_types = ("deepseek_vl2",)
 
-    # --- shapes and rotary (multi-head latent attention) ----------------------------------------
+    # --- shapes and rotary (multi-head latent attention; DeepSeek-VL2-Tiny: multi-head attention) -------
+    @property
+    def _mla(self) -> bool:
+        return bool(getattr(self.model.config, "use_mla", True))
+
     @property
     def num_kv_heads(self) -> int:
+        if not self._mla:
+            return self._text_config.num_key_value_heads
         return self._text_config.num_attention_heads  # keys and values are per head after kv_b_proj
 
     @property
     def head_dim(self) -> int:
         cfg = self._text_config
+        if not self._mla:
+            return cfg.hidden_size // cfg.num_attention_heads
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
 
     @property
@@ -52,7 +61,7 @@ class DeepseekVL2Adapter(ModelAdapter):
 
     @property
     def cache_holds_heads(self) -> bool:
-        return False
+        return not self._mla  # MLA caches compressed latents
 
     def split_position_embeddings(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepseekV2's layers take one complex tensor e^{i·p·θ_k} (B, T, rope/2): (cos, sin) = (real, imag)."""
@@ -68,7 +77,12 @@ class DeepseekVL2Adapter(ModelAdapter):
         return self.split_position_embeddings(self.text_model.rotary_emb(hidden, position_ids[0]))
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the last ``qk_rope_head_dim`` dims of ``x`` (B, heads, T, d) as consecutive (real, imag) pairs."""
+        """Rotate the last ``qk_rope_head_dim`` dims of ``x`` (B, heads, T, d) as consecutive (real, imag) pairs
+        (multi-head attention: the whole head, Llama's rotate_half)."""
+        if not self._mla:
+            from ..models.deepseek_vl2 import DeepseekVL2MultiHeadAttention
+
+            return DeepseekVL2MultiHeadAttention.rotate(x, cos, sin)
         nope = x.shape[-1] - 2 * cos.shape[-1]
         pe = x[..., nope:].float().reshape(*x.shape[:-1], -1, 2)
         real, imag = pe[..., 0], pe[..., 1]
@@ -79,6 +93,8 @@ class DeepseekVL2Adapter(ModelAdapter):
     def project_heads(self, attention: nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
         """q: ``q_proj`` (or ``q_b_proj``·norm·``q_a_proj``); k: the per-head no-rope key from ``kv_b_proj`` and the
         shared rotary key (``kv_a_proj_with_mqa``'s tail) on every head; v: the value part of ``kv_b_proj``."""
+        if not self._mla:
+            return super().project_heads(attention, which, hidden)
         cfg = self._text_config
         b, t = hidden.shape[:2]
         heads, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim

@@ -65,7 +65,9 @@ class DeepseekVL2Config(PretrainedConfig):
     ``image_token_id``: the id every image position holds in the input ids (the tokenizer's ``<image>``);
     ``downsample_ratio``: side of the projector's concatenated cell (2); ``projector_depth``: linear layers of the
     projector (2: Linear → GELU → Linear); ``candidate_resolutions``: [width, height] canvases of the local tiles;
-    ``max_tiled_images``: prompts with more images get one local tile per image (2 in the released processor)."""
+    ``max_tiled_images``: prompts with more images get one local tile per image (2 in the released processor);
+    ``use_mla``: False for DeepSeek-VL2-Tiny, whose decoder layers use plain multi-head attention
+    (:class:`DeepseekVL2MultiHeadAttention`) instead of multi-head latent attention."""
 
     model_type = "deepseek_vl2"
     sub_configs = {"vision_config": SiglipVisionConfig, "text_config": DeepseekV2Config}
@@ -73,7 +75,7 @@ class DeepseekVL2Config(PretrainedConfig):
     def __init__(self, vision_config=None, text_config=None, image_token_id: int | None = None,
                  downsample_ratio: int = 2, projector_depth: int = 2, candidate_resolutions=None,
                  max_tiled_images: int = 2, global_view_pos: str = "head", tile_tag: str = "2D",
-                 tie_word_embeddings: bool = False, **kwargs):
+                 use_mla: bool = True, tie_word_embeddings: bool = False, **kwargs):
         if isinstance(vision_config, dict) or vision_config is None:
             defaults = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                             image_size=384, patch_size=14, vision_use_head=False)
@@ -89,6 +91,10 @@ class DeepseekVL2Config(PretrainedConfig):
         self.candidate_resolutions = [list(map(int, r)) for r in
                                       (candidate_resolutions or globals()["candidate_resolutions"](vision_config.image_size))]
         self.max_tiled_images = int(max_tiled_images)
+        self.use_mla = bool(use_mla)
+        if not self.use_mla and text_config.qk_rope_head_dim != text_config.hidden_size // text_config.num_attention_heads:
+            raise ValueError("use_mla=False (multi-head attention) rotates whole heads: text_config.qk_rope_head_dim must "
+                             f"equal hidden_size / num_attention_heads ({text_config.hidden_size // text_config.num_attention_heads})")
         self.global_view_pos, self.tile_tag = global_view_pos, tile_tag
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -143,6 +149,58 @@ class DeepseekVL2CausalLMOutput(ModelOutput):
     attentions: tuple | None = None
 
 
+class DeepseekVL2MultiHeadAttention(nn.Module):
+    """DeepSeek-VL2-Tiny's attention (its remote code: ``use_mla: false`` → Llama attention): q / k / v / o
+    projections without bias, RoPE over the whole head (x·cos + rotate_half(x)·sin, θ from the config), softmax
+    scale head_dim^-½. Takes the DeepseekV2 layers' arguments: ``position_embeddings`` is DeepseekV2's complex
+    e^{i·p·θ_k} (k < head_dim / 2), and the cache holds per-head keys and values."""
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = True
+        self.attention_dropout = 0.0
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Llama's rotary on (B, heads, T, d) with (cos, sin) of the d/2 frequencies, (B, T, d/2)."""
+        cos, sin = torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
+        half = x.shape[-1] // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import eager_attention_forward
+
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        else:
+            kwargs.pop("past_key_values", None)
+        b, t = hidden_states.shape[:2]
+        shape = (b, t, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings.real, position_embeddings.imag
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
+
+
 class DeepseekVL2PreTrainedModel(PreTrainedModel):
     config_class = DeepseekVL2Config
     config: DeepseekVL2Config
@@ -176,6 +234,9 @@ class DeepseekVL2Model(DeepseekVL2PreTrainedModel):
         self.image_newline = nn.Parameter(torch.zeros(hidden))
         self.view_separator = nn.Parameter(torch.zeros(hidden))
         self.language_model = DeepseekV2Model(config.text_config)
+        if not config.use_mla:  # DeepSeek-VL2-Tiny: multi-head attention in the DeepseekV2 layers
+            for index, layer in enumerate(self.language_model.layers):
+                layer.self_attn = DeepseekVL2MultiHeadAttention(config.text_config, index)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -295,9 +356,7 @@ def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
                              f"DeepseekV2 (supported: DeepSeek-VL2-Tiny / -Small settings)")
     if language.get("norm_topk_prob") and int(language.get("num_experts_per_tok") or 1) > 1:
         raise ValueError("language_config.norm_topk_prob = true is not implemented by transformers' DeepseekV2")
-    if not language.get("use_mla", True):
-        raise ValueError("language_config.use_mla = false (DeepSeek-VL2-Tiny's multi-head attention) is not "
-                         "supported yet: transformers' DeepseekV2 implements multi-head latent attention only")
+    use_mla = bool(language.get("use_mla", True))
     text = {k: v for k, v in language.items() if k in DeepseekV2Config().to_dict() or k in (
         "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
         "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "n_group",
@@ -307,6 +366,8 @@ def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
     if language.get("rope_scaling"):
         raise ValueError(f"language_config.rope_scaling {language['rope_scaling']!r} is not supported")
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(language.get("rope_theta", 10000.0))}
+    if not use_mla:  # the rotary module then covers whole heads
+        text["qk_rope_head_dim"] = int(language["hidden_size"]) // int(language["num_attention_heads"])
     if int(language.get("moe_layer_freq", 1)) != 1:
         raise ValueError(f"language_config.moe_layer_freq {language['moe_layer_freq']}: only 1 is supported")
     vision_config = dict(hidden_size=width, intermediate_size=int(width * float(vision.get("mlp_ratio", 3.7362))),
@@ -317,7 +378,8 @@ def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
                              downsample_ratio=int(projector.get("downsample_ratio", 2)),
                              projector_depth=int(projector.get("depth", 2)),
                              candidate_resolutions=remote.get("candidate_resolutions"),
-                             tile_tag=remote.get("tile_tag", "2D"), global_view_pos=remote.get("global_view_pos", "head"))
+                             tile_tag=remote.get("tile_tag", "2D"), global_view_pos=remote.get("global_view_pos", "head"),
+                             use_mla=use_mla)
 
 
 def _vision_prefix() -> str:

@@ -1,5 +1,6 @@
 """Tiny DeepSeek-VL2 models (random): SigLIP tower, the 2 × 2 projector and a DeepseekV2 MoE decoder with
-multi-head latent attention (``deepseek_vl2``, as DeepSeek-VL2-Small).
+multi-head latent attention (``deepseek_vl2``, as DeepSeek-VL2-Small) or with multi-head attention
+(``deepseek_vl2_mha``, as DeepSeek-VL2-Tiny: 4 heads of 16, 2 key / value heads).
 
 Tiles of 35 px with 7-px patches: 5 × 5 patches, padded to 6 × 6 by the projector → 3 × 3 tokens per tile
 (the real model: 384 px, 14-px patches, 27 → 28 → 14 × 14 tokens; the odd patch grid is kept on purpose).
@@ -18,7 +19,7 @@ from ..models.deepseek_vl2_processor import CHAT_TOKENS, GROUNDING_TOKENS, IMAGE
 from .common import build_tiny
 from .tokenizer import byte_tokenizer
 
-FAMILIES = ("deepseek_vl2",)
+FAMILIES = ("deepseek_vl2", "deepseek_vl2_mha")
 TILE, PATCH = 35, 7
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 SPECIAL_TOKENS = (EOS, PAD, BOS, IMAGE_TOKEN) + GROUNDING_TOKENS + CHAT_TOKENS
@@ -44,9 +45,12 @@ def tiny_config(family: str = "deepseek_vl2", **overrides: Any) -> DeepseekVL2Co
                 routed_scaling_factor=1.0, norm_topk_prob=False, vocab_size=len(tokenizer),
                 max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=ids[EOS], pad_token_id=ids[PAD],
                 bos_token_id=ids[BOS], rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    mha = family == "deepseek_vl2_mha"
+    if mha:
+        text.update(num_key_value_heads=2, qk_rope_head_dim=16)
     text.update(overrides)
     attn = text.pop("attn_implementation", "sdpa")
-    config = DeepseekVL2Config(
+    config = DeepseekVL2Config(use_mla=not mha,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=TILE, patch_size=PATCH, vision_use_head=False),
         text_config=text, image_token_id=ids[IMAGE_TOKEN], downsample_ratio=2, projector_depth=2)
@@ -104,16 +108,22 @@ def remote_state_dict(config: DeepseekVL2Config, seed: int = 0) -> dict[str, tor
     h, qk = t.num_attention_heads, t.qk_nope_head_dim + t.qk_rope_head_dim
     for i in range(t.num_hidden_layers):
         b = f"language.model.layers.{i}."
-        if t.q_lora_rank is None:
+        if not config.use_mla:
+            hd, kv = d // h, t.num_key_value_heads
+            for name, rows in (("q_proj", h * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+                linear(b + "self_attn." + name, rows, d, bias=False)
+            linear(b + "self_attn.o_proj", d, h * hd, bias=False)
+        elif t.q_lora_rank is None:
             linear(b + "self_attn.q_proj", h * qk, d, bias=False)
         else:
             linear(b + "self_attn.q_a_proj", t.q_lora_rank, d, bias=False)
             norm(b + "self_attn.q_a_layernorm", t.q_lora_rank, bias=False)
             linear(b + "self_attn.q_b_proj", h * qk, t.q_lora_rank, bias=False)
-        linear(b + "self_attn.kv_a_proj_with_mqa", t.kv_lora_rank + t.qk_rope_head_dim, d, bias=False)
-        norm(b + "self_attn.kv_a_layernorm", t.kv_lora_rank, bias=False)
-        linear(b + "self_attn.kv_b_proj", h * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank, bias=False)
-        linear(b + "self_attn.o_proj", d, h * t.v_head_dim, bias=False)
+        if config.use_mla:
+            linear(b + "self_attn.kv_a_proj_with_mqa", t.kv_lora_rank + t.qk_rope_head_dim, d, bias=False)
+            norm(b + "self_attn.kv_a_layernorm", t.kv_lora_rank, bias=False)
+            linear(b + "self_attn.kv_b_proj", h * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank, bias=False)
+            linear(b + "self_attn.o_proj", d, h * t.v_head_dim, bias=False)
         if i < t.first_k_dense_replace:
             for name, rows, cols in (("gate_proj", t.intermediate_size, d), ("up_proj", t.intermediate_size, d),
                                      ("down_proj", d, t.intermediate_size)):
