@@ -64,14 +64,17 @@ class DeepseekVL2Adapter(ModelAdapter):
         return not self._mla  # MLA caches compressed latents
 
     def split_position_embeddings(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """DeepseekV2's layers take one complex tensor e^{i·p·θ_k} (B, T, rope/2): (cos, sin) = (real, imag)."""
+        """DeepseekV2's layers take one complex tensor e^{i·p·θ_k} (B, T, rope/2): (cos, sin) = (real, imag). (A
+        transformers whose layers take a (cos, sin) pair gets it back as it came.)"""
         if isinstance(position_embeddings, (tuple, list)):
+            self._pair_form = True
             return tuple(position_embeddings)
+        self._pair_form = False
         return position_embeddings.real, position_embeddings.imag
 
     def join_position_embeddings(self, parts):
         cos, sin = parts
-        return torch.complex(cos, sin)
+        return (cos, sin) if getattr(self, "_pair_form", False) else torch.complex(cos, sin)
 
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_position_embeddings(self.text_model.rotary_emb(hidden, position_ids[0]))
@@ -83,7 +86,10 @@ class DeepseekVL2Adapter(ModelAdapter):
             from ..models.deepseek_vl2 import DeepseekVL2MultiHeadAttention
 
             return DeepseekVL2MultiHeadAttention.rotate(x, cos, sin)
-        nope = x.shape[-1] - 2 * cos.shape[-1]
+        half = int(self._text_config.qk_rope_head_dim) // 2
+        if cos.shape[-1] == 2 * half:  # a (cos, sin) pair in rotate_half layout: each frequency twice
+            cos, sin = cos[..., :half], sin[..., :half]
+        nope = x.shape[-1] - 2 * half
         pe = x[..., nope:].float().reshape(*x.shape[:-1], -1, 2)
         real, imag = pe[..., 0], pe[..., 1]
         c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)

@@ -192,7 +192,10 @@ class DeepseekVL2MultiHeadAttention(nn.Module):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings.real, position_embeddings.imag
+        if isinstance(position_embeddings, (tuple, list)):  # a (cos, sin) pair, each frequency once or twice
+            cos, sin = (part[..., : self.head_dim // 2] for part in position_embeddings)
+        else:
+            cos, sin = position_embeddings.real, position_embeddings.imag
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
