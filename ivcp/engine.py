@@ -257,7 +257,8 @@ class HookContext(SelectionContext):
 
     def _cached(self, which: str, layer: int, tokens) -> torch.Tensor | None:
         cache = self._state.cache
-        if cache is None or layer != self.layer - 1 or len(cache.layers) <= layer:
+        if (cache is None or layer != self.layer - 1 or len(cache.layers) <= layer
+                or not self._session.adapter.cache_holds_heads):  # e.g. MLA caches hold no per-head k/v
             return None
         entries = cache.layers[layer].keys if which == "k" else cache.layers[layer].values
         return entries[self.row: self.row + 1, :, self._columns(tokens)]
@@ -409,7 +410,7 @@ class PruneSession:
             elif bool(padding.all(dim=1).any()):
                 raise ValueError("a row of the batch is all padding (its attention_mask is all zeros)")
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
-                                    kwargs.get("image_sizes"), padding)
+                                    self.adapter.layout_inputs(kwargs), padding)
         if padding is not None and kwargs.get("position_ids") is None and self.adapter.position_rows == 1:
             # 1-D RoPE numbers a padded row from its first pad when no ids are given: the unpruned model does not
             # mind (RoPE is relative), but methods that read absolute positions (IVC) would choose differently
@@ -497,7 +498,8 @@ class PruneSession:
                 shifts = self._decoding.shifts
                 if shifts is not None and bool(shifts[index].any()):  # this layer numbered the prompt lower
                     pos = self._decode_positions - shifts[index].to(self._decode_positions.device).view(1, -1, 1)
-                    kwargs["position_embeddings"] = self.adapter.rotary_embedding(hidden, pos)
+                    kwargs["position_embeddings"] = self.adapter.join_position_embeddings(
+                        self.adapter.rotary_embedding(hidden, pos))
                 return args, kwargs
             return None
         if state.originals is None:
@@ -505,7 +507,7 @@ class PruneSession:
                 raise ValueError("ivcp expects decoder layers to receive position_embeddings (cos, sin)")
             state.originals = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
             state.cache = cache_kwarg(kwargs)
-            state.rotary = tuple(kwargs["position_embeddings"])
+            state.rotary = self.adapter.split_position_embeddings(kwargs["position_embeddings"])
             state.current_positions = state.position_ids
         if index in state.additions:
             hidden = self._add_layer_inputs(index, hidden)
@@ -575,8 +577,8 @@ class PruneSession:
             state.current_shift = original - positions[0, :, -1]
         else:
             positions = gather_columns(state.current_positions.transpose(0, 1), local, 2).transpose(0, 1)
-            cos, sin = state.originals["position_embeddings"]
-            rotary = (gather_columns(cos, new.tokens, 1), gather_columns(sin, new.tokens, 1))
+            parts = self.adapter.split_position_embeddings(state.originals["position_embeddings"])
+            rotary = tuple(gather_columns(part, new.tokens, 1) for part in parts)
         state.layout, state.current_positions, state.rotary = new, positions, rotary
         state.layer_kwargs = self._sliced(state, new, rotary)
         for row in range(state.batch):
@@ -622,7 +624,8 @@ class PruneSession:
                              "use attn_implementation 'sdpa', 'eager' or 'flash_attention_2'")
         # position_ids only tell flash-attention where packed sequences start: each row's kept tokens are
         # one sequence, so none are passed (sliced ids would look like many packed sequences).
-        return {"attention_mask": mask, "position_embeddings": rotary, "position_ids": None}
+        return {"attention_mask": mask, "position_embeddings": self.adapter.join_position_embeddings(rotary),
+                "position_ids": None}
 
     def _record(self, state: _PrefillState, cache) -> BatchRecord:
         n_layers = len(self.adapter.layers)

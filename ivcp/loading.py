@@ -7,6 +7,7 @@ import importlib.util
 import torch
 
 TINY_SPECS = ("tiny", "tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:llava", "tiny:internvl", "tiny:internvl_llama",
+              "tiny:deepseek_vl2", "tiny:deepseek_vl2_mha",
               "tiny:grounder")
 
 
@@ -48,5 +49,23 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
     if attn_implementation is None:
         flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if flash else "sdpa"
+    if _model_type(spec) == "deepseek_vl2":  # ivcp's own class (scripts/convert_deepseek_vl2.py wrote the folder)
+        from .models import DeepseekVL2ForConditionalGeneration
+        from .models.deepseek_vl2_processor import DeepseekVL2Processor
+
+        model = DeepseekVL2ForConditionalGeneration.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
+        return model.to(device).eval(), DeepseekVL2Processor.from_pretrained(spec)
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), AutoProcessor.from_pretrained(spec, **(processor_kwargs or {}))
+
+
+def _model_type(spec: str) -> str | None:
+    """``model_type`` of a local checkpoint folder's config.json (None for hub ids and other folders)."""
+    import json
+    import os
+
+    path = os.path.join(spec, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("model_type")

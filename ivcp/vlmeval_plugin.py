@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, load
+from vlmeval.vlm.base import BaseModel
 from vlmeval.vlm.internvl.internvl_chat import InternVLChat
 from vlmeval.vlm.internvl.utils import reorganize_prompt
 from vlmeval.vlm.llava.llava import LLaVA
@@ -365,8 +366,64 @@ class IVCPInternVL(IVCPModelMixin, InternVLChat):
         return int((input_ids == self.model.config.image_token_id).sum())
 
 
+class IVCPDeepseekVL2(IVCPModelMixin, BaseModel):
+    """DeepSeek-VL2 on ivcp's native class (``scripts/convert_deepseek_vl2.py`` converts a released checkpoint)
+    run through ``ivcp.prune``, with the authors' inputs (their ``DeepSeekVL2IVCP``, as VLMEvalKit's ``DeepSeekVL2``):
+    no custom prompt outside grounding (the datasets' own prompts); one user turn with ``<image>\n`` per image then
+    the text, in the released ``deepseek`` chat format (``"<|User|>: " + content + "\n\n<|Assistant|>:"``, no system
+    prompt); the released processor's tiling (none with more than two images); greedy, max_new_tokens 2048; the
+    answer stripped of a final ".". Grounding: ``Locate <|ref|>…<|/ref|> in the given image.`` (MMMU's special
+    prompt of their wrapper is not reproduced: MMMU is not one of the paper's benchmarks.)"""
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+
+    def __init__(self, model_path: str, name: str, family: str = "deepseek_vl2", method: str | None = None,
+                 method_params: dict | None = None, protocol: str = "authors", generation: dict | None = None,
+                 dtype: str = "bfloat16", **kwargs):
+        from .loading import load_model
+
+        BaseModel.__init__(self)
+        self.family, self.model_path = family, model_path
+        if model_path.startswith("tiny"):
+            self.model, self.processor = load_model(model_path)
+        else:
+            self.model, self.processor = _load_checkpoint(model_path, dtype)
+        self._setup_run(name, method, method_params or {}, protocol, generation or {})
+
+    def authors_prompt_applies(self, dataset: str) -> bool:
+        return False  # the authors' wrapper customises grounding prompts only
+
+    def authors_prompt(self, line, dataset: str):
+        raise NotImplementedError("DeepSeek-VL2's authors' wrapper has no custom prompts outside grounding")
+
+    def model_inputs(self, message, dataset=None):
+        from PIL import Image
+
+        from .models.deepseek_vl2_processor import chat_prompt
+
+        content = "".join("<image>\n" if m["type"] == "image" else m["value"] for m in message)
+        text = chat_prompt([{"role": "user", "content": content}], add_generation_prompt=True)
+        self.last_prompt_text = text
+        images = [Image.open(m["value"]).convert("RGB") for m in message if m["type"] == "image"]
+        inputs = dict(self.processor(text=text, images=images or None, return_tensors="pt"))
+        self._last_tiles = inputs.get("image_tiles")
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        return inputs, inputs["input_ids"].shape[1]
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.processor.decode(tokens, skip_special_tokens=True).strip().rstrip(".")
+
+    def count_visual_tokens(self, input_ids: torch.Tensor) -> int:
+        """Image positions without the newline / separator markup (which is never pruned)."""
+        from .adapters import adapter_for
+
+        adapter = adapter_for(self.model)
+        return sum(s.n for s in adapter.segments(input_ids[0].cpu(), image_sizes=self._last_tiles))
+
+
 FAMILY_WRAPPERS = {"qwen2_5_vl": IVCPQwenVL, "qwen2_vl": IVCPQwenVL, "qwen3_vl": IVCPQwen3VL, "llava": IVCPLlava,
-                   "internvl": IVCPInternVL}
+                   "internvl": IVCPInternVL, "deepseek_vl2": IVCPDeepseekVL2}
 
 
 def model_registry() -> dict:
@@ -492,4 +549,4 @@ def register() -> list[str]:
     return list(models)
 
 
-__all__ = ["IVCPGrounding", "IVCPInternVL", "IVCPLlava", "IVCPModelMixin", "IVCPQwen3VL", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]
+__all__ = ["IVCPDeepseekVL2", "IVCPGrounding", "IVCPInternVL", "IVCPLlava", "IVCPModelMixin", "IVCPQwen3VL", "IVCPQwenVL", "MODELS", "model_registry", "register", "weights_for"]

@@ -108,14 +108,14 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
                     hidden[0, token] = value.to(hidden.dtype)
                 args = (hidden,) + tuple(args[1:])
             if renumber:
-                cos, sin = kwargs["position_embeddings"]
+                rotary = adapter.split_position_embeddings(kwargs["position_embeddings"])
                 for (stage_layer, kept), prompt_ids in zip(stages, captured["renumbered"]):
                     if index >= stage_layer:
                         ids = captured["positions"].clone()
                         ids[:, 0, :n_prompt] = prompt_ids
                         ids[:, 0, n_prompt:] -= n_prompt - kept.numel()  # decode tokens follow the closed gaps
-                        cos, sin = adapter.rotary_embedding(args[0], ids)
-                kwargs["position_embeddings"] = (cos, sin)
+                        rotary = adapter.rotary_embedding(args[0], ids)
+                kwargs["position_embeddings"] = adapter.join_position_embeddings(rotary)
             return args, kwargs
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     try:

@@ -172,6 +172,28 @@ class ModelAdapter:
         cannot run on the family until its adapter adds it)."""
         return NotImplementedError(f"{type(self).__name__} has no {feature}; the method needs it")
 
+    def split_position_embeddings(self, position_embeddings) -> tuple[torch.Tensor, ...]:
+        """The decoder layers' ``position_embeddings`` as batch-first (B, T, …) tensors the engine can slice by
+        token, (cos, sin) — what :meth:`rotate` takes; :meth:`join_position_embeddings` is the inverse. Families
+        whose layers take another form (DeepseekV2: one complex tensor) override both."""
+        return tuple(position_embeddings)
+
+    def join_position_embeddings(self, parts: tuple[torch.Tensor, ...]):
+        """The layers' ``position_embeddings`` from :meth:`split_position_embeddings`' parts."""
+        return tuple(parts)
+
+    @property
+    def cache_holds_heads(self) -> bool:
+        """Whether the KV cache holds each layer's per-head keys (rotary applied) and values, so the engine may
+        read them there; False for caches of compressed latents (multi-head latent attention), whose keys and
+        values the engine then recomputes with :meth:`project_heads`."""
+        return True
+
+    def layout_inputs(self, model_kwargs: dict):
+        """What the model's inputs say about each image's layout, handed to :meth:`segments` as
+        ``image_sizes``: the ``image_sizes`` input by default."""
+        return model_kwargs.get("image_sizes")
+
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) the decoder would use for ``position_ids`` (rows, B, T): its rotary module, fed
         the 2-D ids of 1-D RoPE or the rows of M-RoPE."""

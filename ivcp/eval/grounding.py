@@ -36,9 +36,9 @@ from ..adapters.qwen2_5_vl import smart_resize  # noqa: F401  (re-exported: the 
 
 GROUNDING_SPLITS = ("RefCOCO_testA", "RefCOCO_testB", "RefCOCO_val", "RefCOCO+_testA", "RefCOCO+_testB",
                     "RefCOCO+_val", "RefCOCOg_test", "RefCOCOg_val")
-BOX_CONVENTIONS = ("resized_pixels", "norm1000")
+BOX_CONVENTIONS = ("resized_pixels", "norm1000", "norm999")
 FAMILY_CONVENTION = {"qwen2_5_vl": "resized_pixels", "qwen2_vl": "norm1000", "qwen3_vl": "norm1000",
-                     "internvl": "norm1000"}
+                     "internvl": "norm1000", "deepseek_vl2": "norm999"}
 
 # The authors' grounding prompts (their Qwen2VLPromptMixin._build_vg_prompt), the text after the image:
 # Qwen2.5-VL asks for JSON; Qwen2-VL uses its object-reference tokens (the authors also cut the
@@ -50,6 +50,9 @@ GROUNDING_PROMPTS = {
     "qwen3_vl": "\nLocate {expression} and output the bbox coordinates in JSON format.",
     # the authors' InternVL grounding (internvl_chat_ivcp / internvl_chat_grounding): [[x1, y1, x2, y2]] in 0–1000
     "internvl": "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>",
+    # the authors' DeepSeek-VL2 grounding (deepseekvl2_ivcp): <|ref|>…<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>, the
+    # numbers in 0–999 of the original image (DeepSeek-VL2's own drawing code divides by 999)
+    "deepseek_vl2": "Locate <|ref|>{expression}<|/ref|> in the given image.",
 }
 
 
@@ -111,8 +114,9 @@ def parse_box(text: str, convention: str, original_size: tuple[int, int],
     if not all(math.isfinite(v) for v in raw):
         return ParsedBox(None, raw, "non-finite coordinates")
     width, height = original_size
-    if convention == "norm1000":
-        sx, sy = width / 1000.0, height / 1000.0
+    if convention in ("norm1000", "norm999"):
+        scale = 1000.0 if convention == "norm1000" else 999.0
+        sx, sy = width / scale, height / scale
     else:
         if resized_size is None:
             raise ValueError("the resized_pixels convention needs the resized image size")
@@ -169,7 +173,7 @@ def paper_prediction(text: str, family: str) -> tuple[float, float, float, float
     if family == "qwen2_vl":
         match = _PAPER_QWEN2.search(text or "")
         return tuple(int(v) / 1000.0 for v in match.groups()) if match else (0.0, 0.0, 0.0, 0.0)
-    if family == "internvl":  # their extract_and_normalize_coordinates: floats, / 1000 when they sum to >= 4
+    if family in ("internvl", "deepseek_vl2"):  # their extract_and_normalize_coordinates: / 1000 when they sum to >= 4
         match = _PAPER_INTERNVL.search(text or "")
         try:
             values = tuple(float(v) for v in match.groups()) if match else None

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from . import internvl, llava, qwen, qwen3_vl
+from . import deepseek_vl2, internvl, llava, qwen, qwen3_vl
 from .inputs import make_batch_inputs, make_image, make_inputs
 from .grounder import GROUNDER_DIR, grounder_config, grounding_accuracy, tiny_grounder
 
 # family -> module with tiny_config(**overrides), tiny_model(seed, dtype, **overrides), tiny_processor(...)
-_BUILDERS = {family: module for module in (qwen, qwen3_vl, llava, internvl) for family in module.FAMILIES}
+_BUILDERS = {family: module for module in (qwen, qwen3_vl, llava, internvl, deepseek_vl2) for family in module.FAMILIES}
 FAMILIES = tuple(_BUILDERS)
 
 
