@@ -20,6 +20,8 @@ import os
 import os.path as osp
 import sys
 
+from ivcp.eval.grounding import GROUNDING_PROMPTS, GROUNDING_SPLITS
+from ivcp.eval.protocol import all_run_names
 from ivcp.eval.rundata import check_work_dir, lmudata_root
 from ivcp.vlmeval_plugin import register
 
@@ -48,6 +50,12 @@ def run() -> int:
     if unknown:
         print(f"run.py: unknown model name(s): {', '.join(unknown)} (`python -m ivcp models` lists ivcp's)",
               file=sys.stderr)
+        return 2
+    families = {m: run.model.family for m, run in all_run_names().items() if m in (args.model or [])}
+    no_prompt = [f"{m} ({family})" for m, family in families.items() if family not in GROUNDING_PROMPTS]
+    if no_prompt and any(d in GROUNDING_SPLITS for d in args.data or []):
+        print(f"run.py: no grounding prompt for {', '.join(no_prompt)}: grounding runs need a family with one "
+              f"({', '.join(GROUNDING_PROMPTS)})", file=sys.stderr)
         return 2
     try:
         root = lmudata_root()

@@ -385,6 +385,15 @@ class IVCPGrounding(ImageBaseDataset):
     TYPE = "GROUNDING"
     MODALITY = "IMAGE"
 
+    def __init__(self, dataset: str = "RefCOCO_val", skip_noimg: bool = True):
+        from .eval.rundata import lmudata_root
+
+        try:
+            lmudata_root()  # before VLMEvalKit's LMUDataRoot(), which would make ~/LMUData and read from it
+        except ValueError as error:
+            raise ValueError(f"{dataset}: {error}") from None
+        super().__init__(dataset, skip_noimg)
+
     @classmethod
     def supported_datasets(cls):
         return list(GROUNDING_SPLITS)
@@ -392,10 +401,7 @@ class IVCPGrounding(ImageBaseDataset):
     def load_data(self, dataset):
         from .eval.rundata import lmudata_root, sha256
 
-        try:
-            root = str(lmudata_root())  # never VLMEvalKit's silent fallback to ~/LMUData
-        except ValueError as error:
-            raise ValueError(f"{dataset}: {error}") from None
+        root = str(lmudata_root())  # never VLMEvalKit's silent fallback to ~/LMUData (checked in __init__)
         path = osp.join(root, f"{dataset}.tsv")
         aggregated = osp.join(root, "RefCOCO.tsv")
         if osp.exists(path):

@@ -273,7 +273,7 @@ def ground_truth(row: Mapping, layout: str) -> GroundTruth:
         raise ValueError(f"row index {index}: unusable ground-truth box {shown!r} ({layout} layout)") from None
     tolerance = BOX_TOLERANCE + (max(1 / sx, 1 / sy) if layout == "authors" else 0.0)  # their integer frame
     if box[0] < -tolerance or box[1] < -tolerance or box[2] > width + tolerance or box[3] > height + tolerance:
-        raise ValueError(f"row index {index}: the ground-truth box ({', '.join(f'{v:g}' for v in box)}) lies outside "
+        raise ValueError(f"row index {index}: the ground-truth box ({', '.join(f'{v:.1f}' for v in box)}) lies outside "
                          f"the {width:g} x {height:g} image ({layout} layout)")
     return GroundTruth(box, paper)
 

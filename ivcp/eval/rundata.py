@@ -175,26 +175,24 @@ def check_work_dir(work_dir: str | Path, models: list[str], datasets: list[str],
             if current is None:  # no file: VLMEvalKit's own error follows (it cannot download here)
                 continue
             recorded = read_manifest(work_dir, model, dataset)
-            if recorded is not None and recorded["sha256"] == current["sha256"]:
-                pass
-            elif recorded is not None:
+            same = recorded is not None and recorded["sha256"] == current["sha256"]
+            existing = [] if same else outputs(work_dir, model, dataset, stats_root)
+            if existing and recorded is not None:
                 errors.append(
                     f"{Path(work_dir) / model}: the {dataset} outputs answer {recorded.get('file')} (sha256 "
                     f"{recorded['sha256'][:12]}…), but {current['file']} is now sha256 {current['sha256'][:12]}…: "
-                    f"use another --work-dir, or delete {model}_{dataset}.* and its statistics to run it again")
+                    f"use another --work-dir, or delete {', '.join(map(str, existing))} to run it again")
                 continue
-            else:
-                existing = outputs(work_dir, model, dataset, stats_root)
-                if existing:
-                    errors.append(f"{', '.join(map(str, existing))}: outputs of {model} on {dataset} with no record "
-                                  "of the data they answer: use another --work-dir, or delete them to run it again")
-                    continue
+            if existing:
+                errors.append(f"{', '.join(map(str, existing))}: outputs of {model} on {dataset} with no record "
+                              "of the data they answer: use another --work-dir, or delete them to run it again")
+                continue
             if write:
-                note = recover_damaged(work_dir, model, dataset)
+                note = recover_damaged(work_dir, model, dataset) if same else None
                 if note:
                     notes.append(note)
-                path = manifest_path(work_dir, model, dataset)
-                if recorded is None:
+                if not same:  # no outputs yet: record the data they will answer
+                    path = manifest_path(work_dir, model, dataset)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
     return errors, notes
