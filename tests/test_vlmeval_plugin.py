@@ -548,3 +548,54 @@ def test_run_py_refuses_unknown_model_names(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "VLMEvalKit/run.py"), "--data", "RefCOCO_val", "--model", "Nope_IVCP",
                           "--work-dir", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown model name(s): Nope_IVCP" in run.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models"], "--models needs a value"),
+    (["--methods", "--data", "RefCOCO_val"], "--methods needs a value"),
+    (["--nproc", "abc"], "--nproc (or NPROC) must be a positive integer, got 'abc'"),
+    (["--per-split", "0"], "--per-split (or PER_SPLIT) must be a positive integer, got '0'"),
+])
+def test_script_arguments_exit_2_with_one_line(tmp_path, args, message):
+    run = _script("test_ivcp_qwen_grounding.sh", args, {}, tmp_path)
+    assert (run.returncode, run.stderr) == (2, f"test_ivcp_qwen_grounding.sh: {message}\n")
+    assert not (tmp_path / "out").exists()  # stopped before anything was made
+
+
+def test_per_split_is_honoured_when_the_synthetic_folder_exists(tmp_path):
+    make_grounding(tmp_path / "out" / "lmudata", per_split=1)  # an earlier embedded-default run's data
+    run = _script("test_ivcp_qwen_grounding.sh", ["--per-split", "2", "--models", "Qwen9-VL"], {}, tmp_path)
+    assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr  # stops after making the data
+    rows = pd.read_csv(tmp_path / "out" / "lmudata" / "RefCOCO.tsv", sep="\t")
+    assert len(rows) == 2 * 8
+    run = _script("test_ivcp_qwen_grounding.sh", ["--per-split", "2"], {"LMUData": str(tmp_path)}, tmp_path)
+    assert run.returncode == 2 and "does not apply with LMUData set" in run.stderr
+
+
+def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
+    """InternVL's script (InternVL-Tiny, vanilla and IVC-Prune) and the Qwen script for Qwen2-VL and
+    Qwen3-VL, end to end through VLMEvalKit to the tables (the trained Qwen2.5-VL grounder runs in
+    test_embedded_default_grounding_script); then the TSV is replaced under the same name and
+    indices, and the work dir's answers are refused instead of reused."""
+    from ivcp.eval.rundata import sha256
+
+    lmu = tmp_path / "lmu"
+    make_grounding(lmu, per_split=2, splits=("RefCOCO_val",))
+    digest = sha256(lmu / "RefCOCO_val.tsv")
+    internvl = ["--data", "RefCOCO_val", "--models", "InternVL-Tiny", "--methods", "vanilla,ivc_prune"]
+    run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.split("lenient parse")[0].splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "ivc_prune"]
+    shares = [line.split("|")[2].strip() for line in table[1:]]
+    assert shares[0] == "100%" and shares[1] != "–" and float(shares[1].rstrip("%")) < 100
+    assert f"- data RefCOCO_val: {lmu / 'RefCOCO_val.tsv'} (sha256 {digest})" in run.stdout
+    run = _script("test_ivcp_qwen_grounding.sh", ["--data", "RefCOCO_val", "--models", "Qwen2-VL-Tiny Qwen3-VL-Tiny",
+                                                  "--methods", "vanilla"], {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for model in ("Qwen2-VL-Tiny", "Qwen3-VL-Tiny"):
+        assert f"Grounding, Acc@0.5 (the authors' strict metric): {model}" in run.stdout
+        assert (tmp_path / f"out/results/grounding_{model}.csv").is_file()
+    make_grounding(lmu, per_split=2, seed=7, splits=("RefCOCO_val",), force=True)  # new pictures, same indices
+    run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 2 and "stale outputs" in run.stderr and digest[:12] in run.stderr
