@@ -11,8 +11,17 @@ PROMPTS=${PROMPTS:-authors}
 EXTRA=()
 STATUS=0  # the worst exit status so far: 1 when a run or a table cell failed
 
+usage_error() {  # one line on stderr, exit 2
+  echo "$(basename "$0"): $*" >&2
+  exit 2
+}
+
 parse_args() {  # --models "A B" --methods a,b --data "X Y" --prompts P --nproc N --per-split N -- <run.py args>
   while [ $# -gt 0 ]; do
+    case "$1" in
+      --models|--methods|--data|--prompts|--nproc|--per-split)
+        if [ $# -lt 2 ] || [ -z "$2" ] || [[ "$2" == --* ]]; then usage_error "$1 needs a value"; fi ;;
+    esac
     case "$1" in
       --models) MODELS="$2"; shift 2 ;;
       --methods) METHODS="$2"; shift 2 ;;
@@ -21,9 +30,13 @@ parse_args() {  # --models "A B" --methods a,b --data "X Y" --prompts P --nproc 
       --nproc) NPROC="$2"; shift 2 ;;
       --per-split) PER_SPLIT="$2"; shift 2 ;;
       --) shift; EXTRA=("$@"); break ;;
-      *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+      *) usage_error "unknown argument $1 (see the header of $0)" ;;
     esac
   done
+  if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then usage_error "--nproc (or NPROC) must be a positive integer, got '$NPROC'"; fi
+  if [ -n "${PER_SPLIT:-}" ] && ! [[ "$PER_SPLIT" =~ ^[1-9][0-9]*$ ]]; then
+    usage_error "--per-split (or PER_SPLIT) must be a positive integer, got '$PER_SPLIT'"
+  fi
 }
 
 model_names() {  # every model x every method under the prompt protocol, as VLMEvalKit model names
@@ -63,7 +76,7 @@ tables() {  # kind, paper csv
   for base in $MODELS; do
     label=$(paper_label "$base")
     args=(--work-dir "$WORK/vlmeval" --model "$base" --methods "$METHODS" --kind "$kind" --prompts "$PROMPTS"
-          --benchmarks "$(echo $DATA | tr ' ' ',')" --out "$WORK/results")
+          --benchmarks "$(echo $DATA | tr ' ' ',')" --out "$WORK/results" --lmudata "${LMUData:-}")
     if [ -n "$label" ]; then args+=(--paper "$ROOT/results/paper/$paper" --paper-model "$label"); fi
     rc=0
     "$PY" "$ROOT/scripts/collect_results.py" "${args[@]}" || rc=$?

@@ -6,7 +6,10 @@ Same arguments and habits as upstream (``--data``, ``--model``, ``--work-dir``, 
 each model of configs/eval.toml × method suffix × prompt protocol) and the grounding splits
 RefCOCO_testA … RefCOCOg_val. On top of upstream:
 
-- unknown model names stop the run before anything is loaded (exit 2);
+- unknown model names stop the run before anything is loaded (exit 2); so do an unset or mistyped
+  ``$LMUData`` (VLMEvalKit would fall back to ~/LMUData) and a work dir whose outputs answer other
+  data than the current TSVs (``ivcp.eval.rundata``: each model x dataset records the file and sha256
+  it answers); a prediction file cut short by a killed write is moved aside and made again;
 - per-sample pruning statistics go to ``<work dir>/ivcp_stats`` (unless ``IVCP_STATS_DIR`` is set);
 - VLMEvalKit logs a failed model × dataset and goes on: here every such failure, and every
   model × dataset left without predictions, is listed at the end and the exit status is 1.
@@ -17,6 +20,9 @@ import os
 import os.path as osp
 import sys
 
+from ivcp.eval.grounding import GROUNDING_PROMPTS, GROUNDING_SPLITS
+from ivcp.eval.protocol import all_run_names
+from ivcp.eval.rundata import check_work_dir, lmudata_root
 from ivcp.vlmeval_plugin import register
 
 register()
@@ -45,7 +51,27 @@ def run() -> int:
         print(f"run.py: unknown model name(s): {', '.join(unknown)} (`python -m ivcp models` lists ivcp's)",
               file=sys.stderr)
         return 2
+    families = {m: run.model.family for m, run in all_run_names().items() if m in (args.model or [])}
+    no_prompt = [f"{m} ({family})" for m, family in families.items() if family not in GROUNDING_PROMPTS]
+    if no_prompt and any(d in GROUNDING_SPLITS for d in args.data or []):
+        print(f"run.py: no grounding prompt for {', '.join(no_prompt)}: grounding runs need a family with one "
+              f"({', '.join(GROUNDING_PROMPTS)})", file=sys.stderr)
+        return 2
+    try:
+        root = lmudata_root()
+    except ValueError as error:
+        print(f"run.py: {error}", file=sys.stderr)
+        return 2
     os.environ.setdefault("IVCP_STATS_DIR", osp.join(args.work_dir, "ivcp_stats"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    errors, notes = check_work_dir(args.work_dir, args.model or [], args.data or [], root,
+                                   os.environ["IVCP_STATS_DIR"], write=rank0)
+    for line in notes:
+        print(f"run.py: {line}", file=sys.stderr)
+    if errors:
+        for line in errors:
+            print(f"run.py: stale outputs: {line}", file=sys.stderr)
+        return 2
     failures = _Failures()
     logging.getLogger("vlmeval").addHandler(failures)
     main()

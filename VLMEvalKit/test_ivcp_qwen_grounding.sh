@@ -17,11 +17,16 @@ source "$(dirname "$0")/common.sh"
 MODELS=""; METHODS=""
 DATA="RefCOCO_testA RefCOCO_testB RefCOCO_val RefCOCO+_testA RefCOCO+_testB RefCOCO+_val RefCOCOg_test RefCOCOg_val"
 parse_args "$@"
+if [ -n "${LMUData:-}" ] && [ -n "${PER_SPLIT:-}" ]; then
+  usage_error "--per-split makes the embedded default's synthetic data; it does not apply with LMUData set"
+fi
 if [ -z "${LMUData:-}" ]; then
   export LMUData="$WORK/lmudata"
   echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny grounder)"
-  if [ ! -f "$LMUData/RefCOCO.tsv" ]; then
-    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-10}" > /dev/null
+  # (re)made unless it holds exactly --per-split rows per split (8 splits); a work dir that answered
+  # other synthetic data is refused by run.py, never reused
+  if [ ! -f "$LMUData/RefCOCO.tsv" ] || [ "$(($(wc -l < "$LMUData/RefCOCO.tsv") - 1))" -ne "$((8 * ${PER_SPLIT:-10}))" ]; then
+    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-10}" --force > /dev/null
   fi
   MODELS=${MODELS:-Qwen2.5-VL-TinyGrounder}
   METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}

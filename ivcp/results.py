@@ -18,7 +18,7 @@ import json
 import platform
 from pathlib import Path
 
-from .eval import stats
+from .eval import rundata, stats
 from .eval.grounding import GROUNDING_SPLITS
 from .eval.protocol import DEFAULT_PROTOCOL, METHODS, MODELS, run_name
 
@@ -94,28 +94,55 @@ def general_score(work_dir: Path, model: str, dataset: str) -> float | None:
     return None
 
 
+def cell_problem(work_dir: Path, model: str, bench: str, current: dict | None) -> str:
+    """Why a cell's score file must not be shown ("" when it may): its prediction file is missing or
+    damaged (a killed write), or the predictions answer other data than the current file
+    (``current``: :func:`ivcp.eval.rundata.identity`)."""
+    predictions = rundata.prediction_file(work_dir, model, bench)
+    if predictions is None:
+        return "no prediction file"
+    if not rundata.readable_predictions(predictions):
+        return f"{predictions} cannot be read (cut short by a killed run?): rerun the script to make it again"
+    recorded = rundata.read_manifest(work_dir, model, bench)
+    if current is not None and recorded is not None and recorded["sha256"] != current["sha256"]:
+        return (f"its predictions answer {recorded.get('file')} (sha256 {recorded['sha256'][:12]}…), not the current "
+                f"{current['file']} (sha256 {current['sha256'][:12]}…)")
+    return ""
+
+
 def build_table(work_dir: str | Path, base_model: str, methods: list[str], benchmarks: list[str], kind: str,
-                protocol: str = DEFAULT_PROTOCOL, metric: str = "paper") -> list[dict]:
-    """Rows (dicts) of a table; scores None when a run is missing. Average Tokens from the run's
-    statistics (``<work_dir>/ivcp_stats``), over the benchmarks that have them all."""
+                protocol: str = DEFAULT_PROTOCOL, metric: str = "paper", lmudata: str | Path | None = None) -> list[dict]:
+    """Rows (dicts) of a table; scores None when a run is missing, damaged, stale or made on other
+    data than ``lmudata``'s files (the reason in ``row["why"]``). Average Tokens from the run's
+    statistics (``<work_dir>/ivcp_stats``) over the samples of each prediction file; "unknown" (None)
+    when any scored benchmark lacks them. ``row["data"]``: each cell's recorded data file and hash."""
     if kind not in ("grounding", "general"):
         raise ValueError(f"table kind must be grounding or general, got {kind!r}")
     if base_model not in MODELS:
         raise ValueError(f"unknown model {base_model!r}; ivcp's models: {', '.join(MODELS)}")
+    work_dir = Path(work_dir)
+    current = {b: rundata.identity(b, lmudata) if lmudata else None for b in benchmarks}
     rows = []
     for method in methods:
         name = model_name(base_model, method, protocol)
-        scores, shares = {}, []
+        scores, shares, why, data = {}, [], {}, {}
         for bench in benchmarks:
+            data[bench] = rundata.read_manifest(work_dir, name, bench)
+            problem = cell_problem(work_dir, name, bench, current[bench])
+            if problem:
+                scores[bench], why[bench] = None, problem
+                continue
             if kind == "grounding":
-                scores[bench] = grounding_score(Path(work_dir), name, bench, metric)
+                scores[bench] = grounding_score(work_dir, name, bench, metric)
             else:
-                scores[bench] = general_score(Path(work_dir), name, bench)
-            share = stats.average_share(name, bench, root=Path(work_dir) / "ivcp_stats")
-            if scores[bench] is not None and share is not None:
+                scores[bench] = general_score(work_dir, name, bench)
+            indices = rundata.answered_indices(rundata.prediction_file(work_dir, name, bench))
+            share = stats.average_share(name, bench, indices, root=work_dir / "ivcp_stats")
+            if scores[bench] is not None:
                 shares.append(share)
-        rows.append({"method": method, "model": name, "avg_tokens": sum(shares) / len(shares) if shares else None,
-                     "scores": scores})
+        known = bool(shares) and all(share is not None for share in shares)
+        rows.append({"method": method, "model": name, "avg_tokens": sum(shares) / len(shares) if known else None,
+                     "scores": scores, "why": why, "data": data})
     vanilla = next((r for r in rows if r["method"] == "vanilla"), None)
     for row in rows:
         row["rel_avg"] = relative_average(row["scores"], vanilla["scores"]) if vanilla else None
@@ -123,8 +150,24 @@ def build_table(work_dir: str | Path, base_model: str, methods: list[str], bench
 
 
 def missing_results(rows: list[dict]) -> list[str]:
-    """"model x benchmark" for every cell without a result."""
-    return [f"{row['model']} x {bench}" for row in rows for bench, score in row["scores"].items() if score is None]
+    """"model x benchmark" (and why, when known) for every cell without a result."""
+    return [f"{row['model']} x {bench}" + (f": {row.get('why', {})[bench]}" if bench in row.get("why", {}) else "")
+            for row in rows for bench, score in row["scores"].items() if score is None]
+
+
+def data_provenance(rows: list[dict], benchmarks: list[str], lmudata: str | Path | None = None) -> dict:
+    """The table's data: per benchmark, the file(s) and sha256 its cells' predictions answer (from
+    the work dir's records; "not recorded" for outputs made without ``VLMEvalKit/run.py``)."""
+    info = {"LMUData": str(lmudata) if lmudata else "not given"}
+    for bench in benchmarks:
+        seen = []
+        for row in rows:
+            entry = row.get("data", {}).get(bench)
+            label = f"{entry.get('file')} (sha256 {entry['sha256']})" if entry else "not recorded"
+            if row["scores"].get(bench) is not None and label not in seen:
+                seen.append(label)
+        info[f"data {bench}"] = "; ".join(seen) if seen else "–"
+    return info
 
 
 def relative_average(scores: dict[str, float | None], reference: dict[str, float | None]) -> float | None:

@@ -25,7 +25,7 @@ import re
 import pandas as pd
 import torch
 from vlmeval.dataset.image_base import ImageBaseDataset
-from vlmeval.smp import LMUDataRoot, dump, load
+from vlmeval.smp import dump, load
 from vlmeval.vlm.base import BaseModel
 from vlmeval.vlm.internvl.internvl_chat import InternVLChat
 from vlmeval.vlm.internvl.utils import reorganize_prompt
@@ -452,18 +452,29 @@ class IVCPGrounding(ImageBaseDataset):
     TYPE = "GROUNDING"
     MODALITY = "IMAGE"
 
+    def __init__(self, dataset: str = "RefCOCO_val", skip_noimg: bool = True):
+        from .eval.rundata import lmudata_root
+
+        try:
+            lmudata_root()  # before VLMEvalKit's LMUDataRoot(), which would make ~/LMUData and read from it
+        except ValueError as error:
+            raise ValueError(f"{dataset}: {error}") from None
+        super().__init__(dataset, skip_noimg)
+
     @classmethod
     def supported_datasets(cls):
         return list(GROUNDING_SPLITS)
 
     def load_data(self, dataset):
-        root = LMUDataRoot()
+        from .eval.rundata import lmudata_root, sha256
+
+        root = str(lmudata_root())  # never VLMEvalKit's silent fallback to ~/LMUData (checked in __init__)
         path = osp.join(root, f"{dataset}.tsv")
         aggregated = osp.join(root, "RefCOCO.tsv")
         if osp.exists(path):
-            data, source = load(path), path
+            data, source = _read_tsv(path), path
         elif osp.exists(aggregated):
-            data, source = load(aggregated), aggregated
+            data, source = _read_tsv(aggregated), aggregated
             labels = data["category"] if "category" in data else data["split"] if "split" in data else None
             if labels is None:
                 raise ValueError(f"{aggregated}: an aggregated grounding TSV needs a `category` or `split` column "
@@ -477,8 +488,13 @@ class IVCPGrounding(ImageBaseDataset):
                 f"{dataset}: neither {path} nor {aggregated} exists. Put the TSVs in $LMUData, or make synthetic "
                 f"ones in a folder of their own (`ivcp data make-grounding --out DIR`) and point LMUData at it.")
         self.layout = grounding_layout(data.columns, source)
+        if data.empty:
+            raise ValueError(f"{source}: no rows (only a header): nothing to evaluate")
         check_grounding_rows(data.to_dict("records"), self.layout, source)
         self.source = source
+        # VLMEvalKit reuses a decoded picture found under img_root by index: key the folder by the data file,
+        # so pictures of a replaced TSV are never taken for the new rows
+        self.img_root = osp.join(root, "images", dataset, sha256(source)[:16])
         return data
 
     def build_prompt(self, line):
@@ -502,8 +518,12 @@ class IVCPGrounding(ImageBaseDataset):
             width, height = int(row["width"]), int(row["height"])
             truth = ground_truth(row, self.layout)
             text = "" if pd.isna(row["prediction"]) else str(row["prediction"])
-            rh, rw = smart_resize(height, width, 28, run.model.min_pixels, run.model.max_pixels)
-            parsed = parse_box(text, FAMILY_CONVENTION[family], (width, height), (rw, rh))
+            convention = FAMILY_CONVENTION[family]
+            resized = None
+            if convention == "resized_pixels":  # Qwen2.5-VL answers in the frame qwen_vl_utils resized to
+                rh, rw = smart_resize(height, width, 28, run.model.min_pixels, run.model.max_pixels)
+                resized = (rw, rh)
+            parsed = parse_box(text, convention, (width, height), resized)
             rows.append({"split": self.dataset_name, "prediction": parsed, "gt": truth.box})
             predicted = paper_prediction(text, family)
             paper_failed += not any(predicted)
@@ -522,6 +542,16 @@ class IVCPGrounding(ImageBaseDataset):
         if unparsed:
             dump(pd.DataFrame(unparsed), f"{stem}_unparsed.csv")
         return result
+
+
+def _read_tsv(path: str) -> pd.DataFrame:
+    """A TSV through VLMEvalKit's ``load``; an empty or unparsable file is a ValueError naming it."""
+    if osp.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes): not a TSV")
+    try:
+        return load(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a readable TSV ({str(error).splitlines()[0]})") from None
 
 
 def _model_from_eval_file(eval_file: str, dataset: str) -> str:

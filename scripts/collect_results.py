@@ -5,11 +5,14 @@
         --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --kind grounding \
         --paper results/paper/table1_grounding.csv --paper-model "Qwen2.5-VL 7B" --out results
 
-Grounding tables show the authors' strict Acc@0.5 and, below it, the lenient parse. Exit status 1
-(with the list on stderr) when any model x benchmark has no result; 2 on bad arguments.
+Grounding tables show the authors' strict Acc@0.5 and, below it, the lenient parse. Each table lists
+the data file and sha256 its cells answer; a cell whose predictions are damaged or answer another
+file than the one in --lmudata ($LMUData) now is shown as missing. Exit status 1 (with the list and
+the reasons on stderr) when any model x benchmark has no result; 2 on bad arguments.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,21 +31,30 @@ def main(argv=None) -> int:
     parser.add_argument("--paper", default="", help="a results/paper/*.csv to show beside ours")
     parser.add_argument("--paper-model", default="", help="the paper's model label, e.g. 'Qwen2.5-VL 7B'")
     parser.add_argument("--prompts", default="authors", help="the prompt protocol of the runs (configs/eval.toml)")
+    parser.add_argument("--lmudata", default=None,
+                        help="the folder of the benchmarks' TSVs (default: $LMUData): a cell whose predictions answer "
+                             "another file than the one there now is shown as missing")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    lmudata = os.environ.get("LMUData") if args.lmudata is None else args.lmudata
+    if lmudata and not Path(lmudata).is_dir():
+        print(f"collect_results: error: --lmudata / LMUData {lmudata} is not a folder", file=sys.stderr)
+        return 2
     benchmarks = [b for b in args.benchmarks.split(",") if b] or results.default_benchmarks(args.kind)
     try:
-        tables = [("paper", results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind, args.prompts))]
+        tables = [("paper", results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind, args.prompts,
+                                                lmudata=lmudata or None))]
         if args.kind == "grounding":
             tables.append(("lenient", results.build_table(args.work_dir, args.model, methods, benchmarks, args.kind,
-                                                          args.prompts, metric="lenient")))
+                                                          args.prompts, metric="lenient", lmudata=lmudata or None)))
     except ValueError as error:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2
     paper = results.paper_rows(args.paper, args.paper_model) if args.paper else None
     info = results.provenance(args.model, methods, args.work_dir, args.note, args.prompts)
+    info.update(results.data_provenance(tables[0][1], benchmarks, lmudata or None))
     stem = f"{args.kind}_{args.model}" + ("" if args.prompts == "authors" else f"_{args.prompts}")
     for metric, rows in tables:
         if args.kind == "grounding":

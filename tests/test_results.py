@@ -1,6 +1,7 @@
 """Result collection on hand-built VLMEvalKit output folders (no VLMEvalKit needed)."""
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,10 +15,19 @@ from ivcp.eval import stats
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _score_file(work, model, split, acc, share, lenient=None):
-    """ivcp's grounding score file and the run's per-sample statistics (two samples, mean ``share``)."""
+def _predictions(work, model, bench, indices=(0, 1)):
+    """VLMEvalKit's prediction file of a model x benchmark (as a .tsv: one of its formats)."""
     folder = work / model
     folder.mkdir(parents=True, exist_ok=True)
+    lines = ["index\tprediction"] + [f"{i}\tanswer {i}" for i in indices]
+    (folder / f"{model}_{bench}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def _score_file(work, model, split, acc, share, lenient=None):
+    """ivcp's grounding score file, the predictions and the run's per-sample statistics (two samples,
+    mean ``share``)."""
+    folder = work / model
+    _predictions(work, model, split)
     with open(folder / f"{model}_{split}_acc.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["split", "Acc@0.5", "Acc@0.5 lenient", "n", "avg_tokens"])
@@ -64,6 +74,8 @@ def test_general_scores_from_vlmevalkit_files(tmp_path):
     (folder / f"{model}_HallusionBench_score.csv").write_text(
         "split,aAcc,fAcc,qAcc\nOverall,60.0,30.0,40.0\nVD,1,2,3\n")
     (folder / f"{model}_POPE_score.json").write_text(json.dumps({"Overall": 86.9, "acc": 88.0}))
+    for bench in ("MMStar", "MME", "HallusionBench", "POPE", "AI2D_TEST"):
+        _predictions(tmp_path, model, bench)
     assert results.general_score(tmp_path, model, "MMStar") == pytest.approx(0.642)
     assert results.general_score(tmp_path, model, "MME") == pytest.approx(2310.6)
     assert results.general_score(tmp_path, model, "HallusionBench") == pytest.approx(130 / 3)
@@ -107,6 +119,7 @@ def test_general_average_tokens_come_from_the_statistics(tmp_path):
     model = "Qwen2.5-VL-7B-Instruct_IVCP"
     (tmp_path / model).mkdir()
     (tmp_path / model / f"{model}_MMStar_acc.csv").write_text("split,Overall\nnone,0.6\n")
+    _predictions(tmp_path, model, "MMStar", (1, 2))
     for index, share in ((1, 0.4), (2, 0.6), (1, 0.5)):  # index 1 answered twice (a resumed run): the last counts
         stats.record(model, "MMStar", index, {"visual_kv_share": share}, root=tmp_path / "ivcp_stats")
     row = results.build_table(tmp_path, "Qwen2.5-VL-7B-Instruct", ["ivc_prune"], ["MMStar"], "general")[0]
@@ -119,6 +132,7 @@ def test_low_budget_table_next_to_the_papers_table16(tmp_path):
         model = results.model_name(base, method)
         (tmp_path / model).mkdir()
         (tmp_path / model / f"{model}_MMStar_acc.csv").write_text(f"split,Overall\nnone,{score}\n")
+        _predictions(tmp_path, model, "MMStar")
     assert results.model_name(base, "fastv:Keep33") == "llava-1.5-7b-hf_FastV_Keep33"
     with pytest.raises(ValueError, match="unknown budget 'pdrop:Keep33'"):
         results.model_name(base, "pdrop:Keep33")
@@ -132,3 +146,75 @@ def test_low_budget_table_next_to_the_papers_table16(tmp_path):
     ivc_paper = table[labels.index("ivc_prune:Keep11") + 1]
     assert ivc_paper[1] == "64 (11.1%)" and ivc_paper[2] == "33.9"
     assert table[labels.index("ivc_prune:Keep11") + 2][2] == f"{59.0 - 33.9:+.1f}"
+
+
+def test_average_tokens_unknown_when_a_statistics_line_is_damaged(tmp_path):
+    """A damaged statistics line loses its sample: the per-dataset average (over the predictions'
+    samples) is unknown, so is the table's — never the mean of the samples that remain."""
+    model = "Qwen2.5-VL-7B-Instruct_IVCP"
+    for bench in ("MMStar", "POPE"):
+        (tmp_path / model).mkdir(exist_ok=True)
+        (tmp_path / model / f"{model}_{bench}_acc.csv").write_text("split,Overall\nnone,0.6\n")
+        _predictions(tmp_path, model, bench, (0, 1))
+        stats.record(model, bench, 0, {"visual_kv_share": 0.5}, root=tmp_path / "ivcp_stats")
+        stats.record(model, bench, 1, {"visual_kv_share": 0.5}, root=tmp_path / "ivcp_stats")
+    with open(tmp_path / "ivcp_stats" / model / "POPE.jsonl", "w") as handle:
+        handle.write('{"index": "0", "visual_kv_share": 0.5}\n{"index": "1", "visual_kv_sh\n')  # sample 1 damaged
+    with pytest.warns(UserWarning, match="damaged line 2"):
+        assert stats.average_share(model, "POPE", [0, 1], root=tmp_path / "ivcp_stats") is None  # per dataset
+        row = results.build_table(tmp_path, "Qwen2.5-VL-7B-Instruct", ["ivc_prune"], ["MMStar", "POPE"], "general")[0]
+    assert row["scores"] == {"MMStar": 0.6, "POPE": 0.6} and row["avg_tokens"] is None
+    markdown, _ = results.render([dict(row, rel_avg=None)], ["MMStar", "POPE"], "t", {})
+    assert "| ivc_prune | – | 0.6 | 0.6 | – |" in markdown
+
+
+def test_a_truncated_prediction_file_never_leaves_its_old_cell(tmp_path):
+    """A prediction .xlsx cut short by a killed write: the cell is missing with the file named, even
+    though the score file of an earlier run is still there."""
+    pytest.importorskip("openpyxl")
+    import pandas as pd
+
+    base = "Qwen2.5-VL-Tiny"
+    _score_file(tmp_path, base, "RefCOCO_val", 10.0, 1.0)
+    (tmp_path / base / f"{base}_RefCOCO_val.tsv").unlink()
+    whole = tmp_path / "whole.xlsx"
+    pd.DataFrame({"index": [0, 1], "prediction": ["a", "b"]}).to_excel(whole, index=False)
+    assert results.build_table(tmp_path, base, ["vanilla"], ["RefCOCO_val"], "grounding")[0]["scores"] == \
+        {"RefCOCO_val": None}  # no prediction file at all
+    xlsx = tmp_path / base / f"{base}_RefCOCO_val.xlsx"
+    xlsx.write_bytes(whole.read_bytes())
+    assert results.build_table(tmp_path, base, ["vanilla"], ["RefCOCO_val"], "grounding")[0]["scores"] == \
+        {"RefCOCO_val": 10.0}
+    xlsx.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])  # killed mid-write
+    row = results.build_table(tmp_path, base, ["vanilla"], ["RefCOCO_val"], "grounding")[0]
+    assert row["scores"] == {"RefCOCO_val": None} and str(xlsx) in row["why"]["RefCOCO_val"]
+    assert results.missing_results([row]) == [f"{base} x RefCOCO_val: {row['why']['RefCOCO_val']}"]
+
+
+def test_cells_answering_other_data_are_missing_and_the_table_names_its_data(tmp_path):
+    from ivcp.eval import rundata
+
+    base = "Qwen2.5-VL-Tiny"
+    lmu = tmp_path / "lmu"
+    lmu.mkdir()
+    (lmu / "RefCOCO_val.tsv").write_text("old pictures\n")
+    old = rundata.identity("RefCOCO_val", lmu)
+    assert old["sha256"] == hashlib.sha256(b"old pictures\n").hexdigest() and old["file"] == str(lmu / "RefCOCO_val.tsv")
+    for model, acc in ((base, 20.0), (base + "_IVCP", 15.0)):
+        _score_file(tmp_path / "work", model, "RefCOCO_val", acc, 1.0)
+        rundata.manifest_path(tmp_path / "work", model, "RefCOCO_val").write_text(json.dumps(old))
+    rows = results.build_table(tmp_path / "work", base, ["vanilla", "ivc_prune"], ["RefCOCO_val"], "grounding",
+                               lmudata=lmu)
+    assert [r["scores"]["RefCOCO_val"] for r in rows] == [20.0, 15.0]
+    info = results.data_provenance(rows, ["RefCOCO_val"], lmu)
+    assert info["data RefCOCO_val"] == f"{lmu / 'RefCOCO_val.tsv'} (sha256 {old['sha256']})"
+    (lmu / "RefCOCO_val.tsv").write_text("new pictures\n")  # replaced under the same name and indices
+    rows = results.build_table(tmp_path / "work", base, ["vanilla", "ivc_prune"], ["RefCOCO_val"], "grounding",
+                               lmudata=lmu)
+    assert [r["scores"]["RefCOCO_val"] for r in rows] == [None, None]
+    assert "answer" in rows[0]["why"]["RefCOCO_val"] and old["sha256"][:12] in rows[0]["why"]["RefCOCO_val"]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path / "work"),
+                          "--model", base, "--methods", "vanilla", "--benchmarks", "RefCOCO_val", "--lmudata", str(lmu),
+                          "--out", str(tmp_path / "res")], capture_output=True, text=True)
+    assert out.returncode == 1 and "MISSING Qwen2.5-VL-Tiny x RefCOCO_val: its predictions answer" in out.stderr
+    assert f"- LMUData: {lmu}" in out.stdout

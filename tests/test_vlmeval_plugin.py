@@ -321,6 +321,10 @@ def test_authors_layout_and_both_metrics_by_hand(tmp_path, monkeypatch):
     ("duplicate", "duplicate index value(s) 1"),
     ("bad_image", "row index 2: the image does not decode"),
     ("bad_answer", "row index 1: unusable ground-truth box '10 20 30'"),
+    ("wrong_size", "row index 1: width x height 300 x 250 in the TSV, but the image is 300 x 200"),
+    ("box_outside", "row index 2: the ground-truth box (1.0, 2.0, 389.6, 40.8) lies outside the 300 x 200 image"),
+    ("header_only", "no rows (only a header)"),
+    ("empty_file", "the file is empty (0 bytes)"),
 ])
 def test_bad_grounding_tsvs_fail_before_inference_naming_the_problem(tmp_path, monkeypatch, broken, message):
     lmu = tmp_path / "lmu"
@@ -336,7 +340,15 @@ def test_bad_grounding_tsvs_fail_before_inference_naming_the_problem(tmp_path, m
         frame = frame.drop(columns=["answer"])
     elif broken == "bad_image":
         frame.loc[2, "image"] = "bm90IGFuIGltYWdl"  # "not an image"
+    elif broken == "wrong_size":
+        frame.loc[1, "height"] = 250
+    elif broken == "box_outside":  # x2 = 400 in the 308-wide frame: 389.6 px of a 300-px image
+        frame.loc[2, "answer"] = "1 2 400 40"
+    elif broken == "header_only":
+        frame = frame.iloc[:0]
     frame.to_csv(path, sep="\t", index=False)
+    if broken == "empty_file":
+        path.write_bytes(b"")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         plugin.IVCPGrounding(dataset="RefCOCO_val")
     assert str(path) in str(error.value)
@@ -355,6 +367,85 @@ def test_splits_layouts_and_the_aggregate(lmudata):
         path.unlink()
     with pytest.raises(FileNotFoundError, match="in a folder of their own"):
         plugin.IVCPGrounding(dataset="RefCOCO_val")
+
+
+def _answer(family: str, box) -> str:
+    """An exact answer in a family's own box convention, on the synthetic 224 x 224 pictures (written
+    out from each family's documented format, not from the parser)."""
+    x1, y1, x2, y2 = box
+    n = [round(v * 1000 / 224) for v in box]  # 0-1000
+    return {"qwen2_5_vl": f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}',  # pixels of the resized (= same) frame
+            "qwen3_vl": f'{{"bbox_2d": [{n[0]}, {n[1]}, {n[2]}, {n[3]}]}}',
+            "qwen2_vl": f"<|box_start|>({n[0]},{n[1]}),({n[2]},{n[3]})<|box_end|>",
+            "internvl": f"<ref>it</ref><box>[[{n[0]}, {n[1]}, {n[2]}, {n[3]}]]</box>"}[family]
+
+
+@pytest.mark.parametrize("name", ["InternVL-Tiny", "InternVL2_5-8B_IVCP", "Qwen2-VL-Tiny", "Qwen3-VL-Tiny",
+                                  "Qwen2.5-VL-Tiny_FastV"])
+def test_every_family_grounding_evaluates_by_hand(lmudata, tmp_path, name):
+    """Every family's answers scored in its own convention (InternVL's evaluate used to call Qwen's
+    resize with no pixel bounds and fail after all inference): exact boxes on the even rows, no box on
+    the odd ones -> 50 % by both metrics."""
+    plugin.register()
+    family = all_run_names()[name].model.family
+    dataset = plugin.IVCPGrounding(dataset="RefCOCO_val")
+    data = dataset.data.drop(columns=["image"]).copy()
+    boxes = data[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].astype(int).values.tolist()
+    data["prediction"] = [_answer(family, box) if k % 2 == 0 else "I do not know." for k, box in enumerate(boxes)]
+    eval_file = tmp_path / f"{name}_RefCOCO_val.xlsx"
+    data.to_excel(eval_file, index=False)
+    result = dataset.evaluate(str(eval_file)).iloc[0]
+    assert (result["Acc@0.5"], result["Acc@0.5 lenient"], result["n"]) == (50.0, 50.0, 12)
+    assert result["unparsed paper"] == 6 and result["unparsed lenient"] == 6
+
+
+def test_lmudata_unset_or_mistyped_is_an_error(tmp_path, monkeypatch):
+    from ivcp.eval.rundata import lmudata_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # VLMEvalKit's fallback would be (and create) $HOME/LMUData
+    monkeypatch.delenv("LMUData", raising=False)
+    with pytest.raises(ValueError, match="RefCOCO_val: LMUData is not set"):
+        plugin.IVCPGrounding(dataset="RefCOCO_val")
+    monkeypatch.setenv("LMUData", str(tmp_path / "LMUDta"))
+    with pytest.raises(ValueError, match=f"LMUData={tmp_path / 'LMUDta'} is not a folder"):
+        plugin.IVCPGrounding(dataset="RefCOCO_val")
+    assert not (tmp_path / "LMUData").exists()
+    (tmp_path / "LMUData").mkdir()
+    assert lmudata_root({"LMUData": str(tmp_path / "LMUData")}) == tmp_path / "LMUData"
+
+
+def test_a_work_dir_answers_one_data_file(tmp_path):
+    """Outputs are keyed by the data file: the same file resumes, a replaced one (same name, same
+    indices) is refused naming the files, a damaged prediction file is moved aside with its scores."""
+    from ivcp.eval.rundata import check_work_dir, manifest_path, sha256
+
+    lmu, work, model = tmp_path / "lmu", tmp_path / "work", "Qwen2.5-VL-Tiny"
+    make_grounding(lmu, per_split=2, splits=("RefCOCO_val",))
+    assert check_work_dir(work, [model], ["RefCOCO_val"], lmu) == ([], [])
+    recorded = json.loads(manifest_path(work, model, "RefCOCO_val").read_text())
+    assert recorded["sha256"] == sha256(lmu / "RefCOCO_val.tsv") and recorded["file"] == str(lmu / "RefCOCO_val.tsv")
+    predictions = work / model / f"{model}_RefCOCO_val.xlsx"
+    pd.DataFrame({"index": [0, 1], "prediction": ["a", "b"]}).to_excel(predictions, index=False)
+    assert check_work_dir(work, [model], ["RefCOCO_val"], lmu) == ([], [])  # same data: resumes
+    make_grounding(lmu, per_split=2, seed=9, splits=("RefCOCO_val",), force=True)  # new pictures, same indices
+    errors, _ = check_work_dir(work, [model], ["RefCOCO_val"], lmu)
+    assert len(errors) == 1 and f"the RefCOCO_val outputs answer {lmu / 'RefCOCO_val.tsv'} (sha256 " \
+        f"{recorded['sha256'][:12]}" in errors[0] and str(predictions) in errors[0]
+    assert json.loads(manifest_path(work, model, "RefCOCO_val").read_text()) == recorded  # nothing rewritten
+    manifest_path(work, model, "RefCOCO_val").unlink()
+    errors, _ = check_work_dir(work, [model], ["RefCOCO_val"], lmu)
+    assert len(errors) == 1 and "with no record of the data they answer" in errors[0]
+    # a prediction file cut short by a killed write, with the score file of an earlier evaluation
+    predictions.unlink()
+    assert check_work_dir(work, [model], ["RefCOCO_val"], lmu) == ([], [])
+    whole = tmp_path / "whole.xlsx"
+    pd.DataFrame({"index": [0, 1], "prediction": ["a", "b"]}).to_excel(whole, index=False)
+    predictions.write_bytes(whole.read_bytes()[:300])
+    (work / model / f"{model}_RefCOCO_val_acc.csv").write_text("split,Acc@0.5\nRefCOCO_val,50\n")
+    errors, notes = check_work_dir(work, [model], ["RefCOCO_val"], lmu)
+    assert errors == [] and len(notes) == 1 and str(predictions) in notes[0]
+    assert not predictions.exists() and (work / model / f"{model}_RefCOCO_val.xlsx.damaged").is_file()
+    assert not (work / model / f"{model}_RefCOCO_val_acc.csv").exists()
 
 
 # --- statistics and resuming -----------------------------------------------------------------------
@@ -457,3 +548,54 @@ def test_run_py_refuses_unknown_model_names(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "VLMEvalKit/run.py"), "--data", "RefCOCO_val", "--model", "Nope_IVCP",
                           "--work-dir", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown model name(s): Nope_IVCP" in run.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models"], "--models needs a value"),
+    (["--methods", "--data", "RefCOCO_val"], "--methods needs a value"),
+    (["--nproc", "abc"], "--nproc (or NPROC) must be a positive integer, got 'abc'"),
+    (["--per-split", "0"], "--per-split (or PER_SPLIT) must be a positive integer, got '0'"),
+])
+def test_script_arguments_exit_2_with_one_line(tmp_path, args, message):
+    run = _script("test_ivcp_qwen_grounding.sh", args, {}, tmp_path)
+    assert (run.returncode, run.stderr) == (2, f"test_ivcp_qwen_grounding.sh: {message}\n")
+    assert not (tmp_path / "out").exists()  # stopped before anything was made
+
+
+def test_per_split_is_honoured_when_the_synthetic_folder_exists(tmp_path):
+    make_grounding(tmp_path / "out" / "lmudata", per_split=1)  # an earlier embedded-default run's data
+    run = _script("test_ivcp_qwen_grounding.sh", ["--per-split", "2", "--models", "Qwen9-VL"], {}, tmp_path)
+    assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr  # stops after making the data
+    rows = pd.read_csv(tmp_path / "out" / "lmudata" / "RefCOCO.tsv", sep="\t")
+    assert len(rows) == 2 * 8
+    run = _script("test_ivcp_qwen_grounding.sh", ["--per-split", "2"], {"LMUData": str(tmp_path)}, tmp_path)
+    assert run.returncode == 2 and "does not apply with LMUData set" in run.stderr
+
+
+def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
+    """InternVL's script (InternVL-Tiny, vanilla and IVC-Prune) and the Qwen script for Qwen2-VL and
+    Qwen3-VL, end to end through VLMEvalKit to the tables (the trained Qwen2.5-VL grounder runs in
+    test_embedded_default_grounding_script); then the TSV is replaced under the same name and
+    indices, and the work dir's answers are refused instead of reused."""
+    from ivcp.eval.rundata import sha256
+
+    lmu = tmp_path / "lmu"
+    make_grounding(lmu, per_split=2, splits=("RefCOCO_val",))
+    digest = sha256(lmu / "RefCOCO_val.tsv")
+    internvl = ["--data", "RefCOCO_val", "--models", "InternVL-Tiny", "--methods", "vanilla,ivc_prune"]
+    run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.split("lenient parse")[0].splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "ivc_prune"]
+    shares = [line.split("|")[2].strip() for line in table[1:]]
+    assert shares[0] == "100%" and shares[1] != "–" and float(shares[1].rstrip("%")) < 100
+    assert f"- data RefCOCO_val: {lmu / 'RefCOCO_val.tsv'} (sha256 {digest})" in run.stdout
+    run = _script("test_ivcp_qwen_grounding.sh", ["--data", "RefCOCO_val", "--models", "Qwen2-VL-Tiny Qwen3-VL-Tiny",
+                                                  "--methods", "vanilla"], {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for model in ("Qwen2-VL-Tiny", "Qwen3-VL-Tiny"):
+        assert f"Grounding, Acc@0.5 (the authors' strict metric): {model}" in run.stdout
+        assert (tmp_path / f"out/results/grounding_{model}.csv").is_file()
+    make_grounding(lmu, per_split=2, seed=7, splits=("RefCOCO_val",), force=True)  # new pictures, same indices
+    run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 2 and "stale outputs" in run.stderr and digest[:12] in run.stderr

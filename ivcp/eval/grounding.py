@@ -217,6 +217,9 @@ LAYOUT_COLUMNS = {"pixels": ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"),
                   "authors": ("answer",)}
 
 
+BOX_TOLERANCE = 1.0  # pixels a ground-truth box may pass the image's edge by (rounding in the source annotations)
+
+
 @dataclass(frozen=True)
 class GroundTruth:
     """A sample's target box in the original image (``box``, floats) and in the authors' frame
@@ -272,12 +275,17 @@ def ground_truth(row: Mapping, layout: str) -> GroundTruth:
     except (TypeError, ValueError, KeyError):
         shown = row.get("answer") if layout == "authors" else [row.get(c) for c in LAYOUT_COLUMNS[layout]]
         raise ValueError(f"row index {index}: unusable ground-truth box {shown!r} ({layout} layout)") from None
+    tolerance = BOX_TOLERANCE + (max(1 / sx, 1 / sy) if layout == "authors" else 0.0)  # their integer frame
+    if box[0] < -tolerance or box[1] < -tolerance or box[2] > width + tolerance or box[3] > height + tolerance:
+        raise ValueError(f"row index {index}: the ground-truth box ({', '.join(f'{v:.1f}' for v in box)}) lies outside "
+                         f"the {width:g} x {height:g} image ({layout} layout)")
     return GroundTruth(box, paper)
 
 
 def check_grounding_rows(rows: Iterable[Mapping], layout: str, source: str = "the TSV", images: bool = True) -> None:
-    """Validate every row before any inference: distinct indices, usable boxes and sizes, and (with
-    ``images``) decodable images; ValueError naming the file and the offending indices."""
+    """Validate every row before any inference: distinct indices, usable boxes inside the image, and
+    (with ``images``) decodable images of the stated width and height; ValueError naming the file and
+    the offending indices."""
     import base64
     import binascii
     import io
@@ -297,9 +305,19 @@ def check_grounding_rows(rows: Iterable[Mapping], layout: str, source: str = "th
             try:
                 from PIL import Image
 
-                Image.open(io.BytesIO(base64.b64decode(str(row["image"]), validate=False))).verify()
+                image = Image.open(io.BytesIO(base64.b64decode(str(row["image"]), validate=False)))
+                size = image.size
+                image.verify()
             except (OSError, ValueError, binascii.Error, SyntaxError):
                 problems.append(f"row index {key}: the image does not decode")
+                continue
+            try:
+                stated = (float(row["width"]), float(row["height"]))
+            except (TypeError, ValueError, KeyError):
+                continue  # reported by ground_truth
+            if stated != (float(size[0]), float(size[1])):
+                problems.append(f"row index {key}: width x height {stated[0]:g} x {stated[1]:g} in the TSV, but the "
+                                f"image is {size[0]} x {size[1]}")
     if duplicates:
         problems.insert(0, f"duplicate index value(s) {', '.join(duplicates[:10])}: predictions are stored by index, "
                            "so each row needs its own")
