@@ -357,8 +357,10 @@ def run_bench(plan: Plan, out: Path) -> dict[tuple[str, str], dict]:
     for model, methods in by_model.items():
         folder = out / f"bench-{model}"
         if not (folder / "bench.json").is_file():
+            entry = MODELS[model]  # a COCO-sized picture (640×480) where the model's pixel bounds allow it
+            size = "640x480" if entry.max_pixels is None or entry.max_pixels >= 640 * 480 else "448x336"
             command = [sys.executable, "-m", "ivcp", "bench", "--model", bench_model(model), "--methods",
-                       ",".join(dict.fromkeys(methods)), "--image-sizes", "640x480", "--repeats", "5",
+                       ",".join(dict.fromkeys(methods)), "--image-sizes", size, "--repeats", "5",
                        "--new-tokens", "16", "--out", str(folder)]
             print("running: " + shlex.join(command), flush=True)
             if subprocess.run(command, cwd=str(ROOT)).returncode != 0:
@@ -516,7 +518,8 @@ def provenance(plan: Plan, collected: list[dict], argv: list[str], per_split: in
         "Avg. tokens": "visual KV kept, mean over the row's answered samples and benchmarks (ivcp_stats)",
         "Rel. Avg.": "mean over the row's benchmarks of score / the same model's vanilla score (– without a vanilla row)",
         "harness": f"VLMEvalKit/run.py --reuse, work dir {plan.work}",
-        "software": f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.platform()}",
+        "software": f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.platform()}, "
+                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
     }
     if bench:
         info["efficiency"] = ("ivcp bench (median of 5; KV of the prompt's visual tokens; the ratio to vanilla in "
