@@ -134,11 +134,12 @@ def test_a_table_end_to_end_on_the_tiny_grounder_and_resumed(tmp_path, capsys):
     for line in ("- command: python scripts/reproduce_table.py --table 17 --per-split 2", "- commit: ",
                  "- models: Qwen2.5-VL 7B → Qwen2.5-VL-TinyGrounder", "- n per cell: 2", "- protocol: authors"):
         assert line in markdown
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*_RefCOCO_testA.xlsx")}
+    # each answered sample appends one line of statistics: a resumed run that answers nothing appends none
+    before = {p: p.read_text() for p in (tmp_path / "work").rglob("ivcp_stats/*/*.jsonl")}
     resumed = subprocess.run([sys.executable, str(ROOT / "scripts/reproduce_table.py"), *args], capture_output=True,
                              text=True, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "t" / "table_17.md").read_text() == markdown
     assert list(csv.DictReader(open(tmp_path / "t" / "table_17.csv", newline="", encoding="utf-8"))) == table
     assert "Infer Qwen2.5-VL-TinyGrounder" not in resumed.stdout + resumed.stderr  # nothing answered again
-    assert before and all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert len(before) == 6 and all(p.read_text() == text for p, text in before.items())
