@@ -560,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"--data {', '.join(unknown)}: not a benchmark of table {spec.number} "
                              f"({', '.join(spec.benchmarks)})")
+        if args.nproc > 1:
+            import torch
+            if torch.cuda.device_count() < args.nproc:
+                raise ValueError(f"--nproc {args.nproc} needs {args.nproc} GPUs (VLMEvalKit's torchrun uses NCCL); "
+                                 f"this machine has {torch.cuda.device_count()}")
         models = model_plan(spec, [m.strip() for m in args.models.split(",") if m.strip()], embedded)
         plan = Plan(spec, models, embedded, data, lmudata, work).build()
         for model, method in dict.fromkeys((plan.models[r.paper_model], r.method) for i, r in enumerate(spec.rows)
