@@ -102,6 +102,15 @@ def test_an_impossible_option_or_family_is_refused_before_inference(tmp_path, mo
     err = capsys.readouterr().err
     assert code == 2 and "vscan" in err and "llava-1.5-Tiny" in err and "vision-tower access" in err, err
     assert not (tmp_path / "embedded-k50").exists()
+    # bad arguments: one line naming the problem, nothing run
+    for argv, message in ((["--table", "8"], "no table 8"), (["--table", "17", "--data", "MME"], "--data MME"),
+                          (["--table", "1", "--models", "Qwen9-VL"], "unknown model 'Qwen9-VL'"),
+                          (["--table", "7", "--models", "Qwen2.5-VL 7B=Qwen2.5-VL-Tiny"], "no model 'Qwen2.5-VL 7B'")):
+        assert reproduce.main([*argv, "--work-dir", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err, argv
+    if not __import__("torch").cuda.is_available():
+        assert reproduce.main(["--table", "17", "--nproc", "2", "--work-dir", str(tmp_path)]) == 2
+        assert "--nproc 2 needs 2 GPUs" in capsys.readouterr().err
 
 
 def test_a_table_end_to_end_on_the_tiny_grounder_and_resumed(tmp_path, capsys):
