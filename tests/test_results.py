@@ -142,3 +142,12 @@ def test_low_budget_table_next_to_the_papers_table16(tmp_path):
     ivc_paper = table[labels.index("ivc_prune:Keep11") + 1]
     assert ivc_paper[1] == "64 (11.1%)" and ivc_paper[2] == "33.9"
     assert table[labels.index("ivc_prune:Keep11") + 2][2] == f"{59.0 - 33.9:+.1f}"
+
+
+def test_budget_note_groups_methods_at_matched_budgets():
+    rows = [{"method": m, "avg_tokens": s} for m, s in
+            (("vanilla", 1.0), ("fastv", 0.75), ("pdrop", 0.55), ("vscan", 0.49), ("ivc_prune", 0.50), ("random", None))]
+    note = results.budget_note(rows)
+    # 49 % and 50 % lie within 5 points; 55 % is 6 points from the group's first (49 %), 75 % far from all
+    assert note.startswith("visual KV kept (Average Tokens): vscan 49% ≈ ivc_prune 50%; pdrop 55%; fastv 75%.")
+    assert "random" not in note and "vanilla" not in note
