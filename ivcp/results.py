@@ -1,7 +1,8 @@
 """Result tables in the paper's layout, from VLMEvalKit output folders (no VLMEvalKit import).
 
-- Tab. 1 (grounding): a row per method: Average Tokens, Acc@0.5 per split (the authors' strict metric;
-  the lenient parse in a second table), Rel. Avg.
+- Tab. 1 (grounding): a row per method: Average Tokens, Acc@0.5 per split ± its standard error and the
+  number of pictures n (the authors' strict metric; the lenient parse in a second table where it
+  differs), Rel. Avg.
 - Tab. 2 (general VQA): a row per method: Average Tokens, the benchmark's primary score, Rel. Avg.
 Rel. Avg. = mean over benchmarks of (method score / vanilla score), in percent; a benchmark where
 vanilla scored 0 is left out of it. Average Tokens = mean retained share of visual KV over the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -47,6 +49,32 @@ def grounding_score(work_dir: Path, model: str, split: str, metric: str = "paper
     row = _read_csv(path)[0]
     value = row.get("Acc@0.5" if metric == "paper" else "Acc@0.5 lenient")
     return _number(value)
+
+
+def grounding_count(work_dir: Path, model: str, split: str) -> int | None:
+    """How many pictures the score of one model on one split is over (the score file's ``n``)."""
+    path = Path(work_dir) / model / f"{model}_{split}_acc.csv"
+    if not path.is_file():
+        return None
+    value = _number(_read_csv(path)[0].get("n"))
+    return None if value is None else int(value)
+
+
+def standard_error(percent: float | None, n: int | None) -> float | None:
+    """Standard error of an accuracy over ``n`` independent pictures, in points:
+    100 · sqrt(p (1 − p) / n) with p = percent / 100 (None without a score or a count)."""
+    if percent is None or not n:
+        return None
+    p = percent / 100.0
+    return 100.0 * math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
+def format_score(value: float | None, n: int | None = None, digits: int = 1) -> str:
+    """A table cell: "81.0 ± 2.8 (n=200)" when the count is known, the bare score otherwise."""
+    if value is None:
+        return "–"
+    se = standard_error(value, n)
+    return f"{value:.{digits}f}" if se is None else f"{value:.{digits}f} ± {se:.{digits}f} (n={n})"
 
 
 def _number(value) -> float | None:
@@ -125,7 +153,7 @@ def build_table(work_dir: str | Path, base_model: str, methods: list[str], bench
     rows = []
     for method in methods:
         name = model_name(base_model, method, protocol)
-        scores, shares, why, data = {}, [], {}, {}
+        scores, shares, why, data, counts = {}, [], {}, {}, {}
         for bench in benchmarks:
             data[bench] = rundata.read_manifest(work_dir, name, bench)
             problem = cell_problem(work_dir, name, bench, current[bench])
@@ -134,6 +162,7 @@ def build_table(work_dir: str | Path, base_model: str, methods: list[str], bench
                 continue
             if kind == "grounding":
                 scores[bench] = grounding_score(work_dir, name, bench, metric)
+                counts[bench] = grounding_count(work_dir, name, bench)
             else:
                 scores[bench] = general_score(work_dir, name, bench)
             indices = rundata.answered_indices(rundata.prediction_file(work_dir, name, bench))
@@ -142,11 +171,33 @@ def build_table(work_dir: str | Path, base_model: str, methods: list[str], bench
                 shares.append(share)
         known = bool(shares) and all(share is not None for share in shares)
         rows.append({"method": method, "model": name, "avg_tokens": sum(shares) / len(shares) if known else None,
-                     "scores": scores, "why": why, "data": data})
+                     "scores": scores, "why": why, "data": data, "n": counts})
     vanilla = next((r for r in rows if r["method"] == "vanilla"), None)
     for row in rows:
         row["rel_avg"] = relative_average(row["scores"], vanilla["scores"]) if vanilla else None
     return rows
+
+
+def budget_note(rows: list[dict], tolerance: float = 0.05) -> str:
+    """Which methods of a table ran at matched budgets: groups whose Average Tokens (visual KV kept)
+    lie within ``tolerance`` of the group's first, the share of each, and what that means for reading."""
+    pruned = sorted((r["avg_tokens"], r["method"]) for r in rows if r["method"] != "vanilla" and r["avg_tokens"] is not None)
+    groups: list[list[tuple[float, str]]] = []
+    for share, method in pruned:
+        if groups and share - groups[-1][0][0] <= tolerance:
+            groups[-1].append((share, method))
+        else:
+            groups.append([(share, method)])
+    if not groups:
+        return "no pruned method has Average Tokens yet"
+    text = "; ".join(" ≈ ".join(f"{m} {100 * s:.0f}%" for s, m in g) for g in groups)
+    return (f"visual KV kept (Average Tokens): {text}. Methods joined by ≈ ran at matched budgets (within "
+            f"{100 * tolerance:.0f} points); compare accuracy across groups only with the budget in mind")
+
+
+def same_scores(a: list[dict], b: list[dict]) -> bool:
+    """Whether two tables of the same rows hold the same score in every cell (e.g. strict and lenient)."""
+    return all(x["scores"] == y["scores"] for x, y in zip(a, b)) and len(a) == len(b)
 
 
 def missing_results(rows: list[dict]) -> list[str]:
@@ -211,7 +262,8 @@ def render(rows: list[dict], benchmarks: list[str], title: str, provenance: dict
     table = [header]
     for row in rows:
         share = None if row["avg_tokens"] is None else 100 * row["avg_tokens"]
-        table.append([row["method"], _fmt(share, 0, True), *[_fmt(row["scores"][b]) for b in benchmarks],
+        counts = row.get("n", {})
+        table.append([row["method"], _fmt(share, 0, True), *[format_score(row["scores"][b], counts.get(b)) for b in benchmarks],
                       _fmt(row["rel_avg"], 1, True)])
         theirs = next((paper[k] for k in paper_keys(row["method"]) if k in (paper or {})), None)
         if theirs:

@@ -5,10 +5,12 @@
         --methods vanilla,fastv,window_fastv,pdrop,vscan,ivc_prune --kind grounding \
         --paper results/paper/table1_grounding.csv --paper-model "Qwen2.5-VL 7B" --out results
 
-Grounding tables show the authors' strict Acc@0.5 and, below it, the lenient parse. Each table lists
-the data file and sha256 its cells answer; a cell whose predictions are damaged or answer another
-file than the one in --lmudata ($LMUData) now is shown as missing. Exit status 1 (with the list and
-the reasons on stderr) when any model x benchmark has no result; 2 on bad arguments.
+Grounding tables show the authors' strict Acc@0.5 ± standard error (n pictures) per cell and, below it,
+the lenient parse where it differs in some cell; the budgets line says which methods ran at matched
+budgets (Average Tokens within 5 points). Each table lists the data file and sha256 its cells answer;
+a cell whose predictions are damaged or answer another file than the one in --lmudata ($LMUData) now
+is shown as missing. Exit status 1 (with the list and the reasons on stderr) when any model x
+benchmark has no result; 2 on bad arguments.
 """
 
 import argparse
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
     paper = results.paper_rows(args.paper, args.paper_model) if args.paper else None
     info = results.provenance(args.model, methods, args.work_dir, args.note, args.prompts)
     info.update(results.data_provenance(tables[0][1], benchmarks, lmudata or None))
+    info["budgets"] = results.budget_note(tables[0][1])
+    if len(tables) == 2 and results.same_scores(tables[0][1], tables[1][1]):
+        info["lenient parse"] = "the same score as the strict metric in every cell (its table is not printed)"
+        tables = tables[:1]
     stem = f"{args.kind}_{args.model}" + ("" if args.prompts == "authors" else f"_{args.prompts}")
     for metric, rows in tables:
         if args.kind == "grounding":

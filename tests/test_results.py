@@ -54,7 +54,9 @@ def test_grounding_table_and_relative_average(tmp_path):
     assert by["fastv"]["scores"]["RefCOCO_val"] is None and by["fastv"]["rel_avg"] == pytest.approx(50.0)
     paper = results.paper_rows(ROOT / "results/paper/table1_grounding.csv", "Qwen2.5-VL 7B")
     markdown, table = results.render(rows, ["RefCOCO_testA", "RefCOCO_val"], "t", {"model": base}, paper)
-    assert "| ivc_prune | 51% | 81.0 | 80.0 | 95.0% |" in markdown
+    # ± the standard error over the n = 10 pictures of the score file: 100·sqrt(0.81·0.19/10) = 12.4,
+    # 100·sqrt(0.8·0.2/10) = 12.6
+    assert "| ivc_prune | 51% | 81.0 ± 12.4 (n=10) | 80.0 ± 12.6 (n=10) | 95.0% |" in markdown
     paper_ivc = next(r for r in table if r[0] == "  paper: IVC-Prune")
     delta = table[table.index(paper_ivc) + 1]
     assert delta[2] == f"{81.0 - float(paper_ivc[2]):+.1f}"
@@ -90,8 +92,16 @@ def test_collect_script_writes_md_and_csv(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path / "work"),
                           "--model", base, "--methods", "vanilla,ivc_prune", "--benchmarks", "RefCOCO_val",
                           "--out", str(tmp_path / "res")], capture_output=True, text=True, check=True).stdout
-    assert "| ivc_prune | 50% | 5.0 | 50.0% |" in out
-    assert out.index("strict metric") < out.index("lenient parse")
+    assert "| ivc_prune | 50% | 5.0 ± 6.9 (n=10) | 50.0% |" in out  # 100·sqrt(0.05·0.95/10) = 6.9
+    # the lenient parse agrees in every cell: said once, its table neither printed nor written
+    assert "- lenient parse: the same score as the strict metric in every cell" in out
+    assert "Acc@0.5 (lenient parse)" not in out and not (tmp_path / "res" / f"grounding_{base}_lenient.md").exists()
+    assert "- budgets: visual KV kept (Average Tokens): ivc_prune 50%." in out
+    _score_file(tmp_path / "work", base + "_IVCP", "RefCOCO_val", 5.0, 0.5, lenient=7.0)  # now they differ
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path / "work"),
+                          "--model", base, "--methods", "vanilla,ivc_prune", "--benchmarks", "RefCOCO_val",
+                          "--out", str(tmp_path / "res")], capture_output=True, text=True, check=True).stdout
+    assert out.index("strict metric") < out.index("Acc@0.5 (lenient parse)") and "| ivc_prune | 50% | 7.0 ± 8.1 (n=10) |" in out
     rows = list(csv.reader(open(tmp_path / "res" / f"grounding_{base}.csv")))
     assert rows[0] == ["Method", "Avg. tokens", "RefCOCO_val", "Rel. Avg."] and rows[2][0] == "ivc_prune"
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), "--work-dir", str(tmp_path),
@@ -218,3 +228,12 @@ def test_cells_answering_other_data_are_missing_and_the_table_names_its_data(tmp
                           "--out", str(tmp_path / "res")], capture_output=True, text=True)
     assert out.returncode == 1 and "MISSING Qwen2.5-VL-Tiny x RefCOCO_val: its predictions answer" in out.stderr
     assert f"- LMUData: {lmu}" in out.stdout
+
+
+def test_budget_note_groups_methods_at_matched_budgets():
+    rows = [{"method": m, "avg_tokens": s} for m, s in
+            (("vanilla", 1.0), ("fastv", 0.75), ("pdrop", 0.55), ("vscan", 0.49), ("ivc_prune", 0.50), ("random", None))]
+    note = results.budget_note(rows)
+    # 49 % and 50 % lie within 5 points; 55 % is 6 points from the group's first (49 %), 75 % far from all
+    assert note.startswith("visual KV kept (Average Tokens): vscan 49% ≈ ivc_prune 50%; pdrop 55%; fastv 75%.")
+    assert "random" not in note and "vanilla" not in note
