@@ -34,7 +34,12 @@ _EXPORTS = {
 _SUBMODULES = {"adapters", "analytic", "batching", "bench", "compat", "config", "data", "engine", "eval", "layout",
                "loading", "methods", "patterns", "results", "scoring", "testing", "viz"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # = sorted(_EXPORTS), written out for static tools (tests/test_cli.py checks they agree)
+    "AdaptPrune", "BatchRecord", "DropIVC", "FastV", "IVCPrune", "IVCUnion", "ModelAdapter", "PDrop", "PrefillRecord",
+    "PruneSession", "PruningMethod", "RandomPrune", "RopeSpec", "Segment", "SelectionContext", "VScan", "WindowFastV",
+    "available_adapters", "available_methods", "collate", "make_method", "prune", "register_adapter", "register_method",
+    "resolve_method",
+]
 
 
 def __getattr__(name: str) -> Any:
