@@ -262,9 +262,10 @@ def plan(methods: list[str], keep_ratios: list[float] | None, image_sizes: list[
 
 
 def run(model, cases: list[Case], repeats: int = 3, warmup: int = 1, new_tokens: int = 16, prompt_tokens: int = 32,
-        seed: int = 0, log=print) -> list[Case]:
+        seed: int = 0, log=print, rounds=None) -> list[Case]:
     """Measure every case ``repeats`` times after ``warmup`` rounds, interleaved and rotated. On a GPU a case
-    that runs out of memory is marked and not run again (nor are its larger batches)."""
+    that runs out of memory is marked and not run again (nor are its larger batches). ``rounds`` may wrap
+    the rounds' range (a progress bar)."""
     import ivcp
 
     device = next(model.parameters()).device
@@ -276,7 +277,7 @@ def run(model, cases: list[Case], repeats: int = 3, warmup: int = 1, new_tokens:
                                              dtype=dtype)
               for size, batch in {(c.image_size, c.batch) for c in cases}}
     torch.manual_seed(seed)
-    for round_index in range(warmup + repeats):
+    for round_index in (rounds or iter)(range(warmup + repeats)):
         shift = round_index % len(cases)
         for case in cases[shift:] + cases[:shift]:
             if case.out_of_memory:

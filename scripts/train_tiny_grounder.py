@@ -46,7 +46,8 @@ def make_batch(processor, rng: random.Random, size: int) -> dict:
     samples = [make_sample(rng) for _ in range(size)]
     prompts = [prompt_text(processor, s["expression"]) for s in samples]
     answers = [ANSWER.format(*s["box"]) + processor.tokenizer.eos_token for s in samples]
-    inputs = processor(text=[p + a for p, a in zip(prompts, answers)], images=[s["image"] for s in samples])
+    inputs = processor(text=[p + a for p, a in zip(prompts, answers)], images=[s["image"] for s in samples],
+                       padding=True, return_tensors="pt")
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
     for row, answer in enumerate(answers):

@@ -99,7 +99,7 @@ def test_text_queries_fall_back_to_the_same_turn_before_the_image(family, probe)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"}]}], add_generation_prompt=False)
     text = text[: text.rindex("<|vision_end|>") + len("<|vision_end|>")]  # the prompt ends with the image
-    inputs = processor(text=text, images=[make_image()])
+    inputs = processor(text=text, images=[make_image()], return_tensors="pt")
     seen, _, _ = _run_probe(model, inputs)
     decoded = processor.decode(inputs["input_ids"][0][seen["text"]], skip_special_tokens=False)
     assert decoded == "\n<|im_start|>user\nLook:"  # everything after the system turn closed

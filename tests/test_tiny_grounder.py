@@ -44,7 +44,8 @@ def test_keep_everything_gives_the_unpruned_answers(grounder):
     rng = random.Random(UNSEEN_SEED + 1)
     samples = [make_sample(rng) for _ in range(4)]
     for sample in samples:
-        inputs = processor(text=[prompt_text(processor, sample["expression"])], images=[sample["image"]])
+        inputs = processor(text=[prompt_text(processor, sample["expression"])], images=[sample["image"]],
+                           return_tensors="pt")
         with torch.no_grad():
             bare = model.generate(**inputs, max_new_tokens=40, do_sample=False)
             for method, params in KEEP_ALL.items():

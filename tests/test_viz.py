@@ -1,9 +1,11 @@
-"""IVC score maps and kept-token overlays: values, marked cells and pixels."""
+"""Pictures (matplotlib): IVC score maps and kept-token panels — their values, cells, marks, boxes and legend."""
 
 import math
+import random
 
 import numpy as np
 import pytest
+import torch
 
 from ivcp import viz
 from ivcp.adapters import RopeSpec
@@ -31,61 +33,122 @@ def test_map_values_equal_the_closed_form():
             assert maps["sectioned"]["U"][r, c].item() == pytest.approx(sec_u, abs=1e-12)
 
 
-def test_heatmap_outlines_exactly_the_ivc_cells():
+def test_one_d_rope_maps_follow_the_raster_positions():
+    rope = RopeSpec(100.0, 4)  # θ = 1, 0.1; LLaVA-style 1-D rotary
+    maps = viz.ivc_maps(rope, 2, 3, offset=5)
+    assert list(maps) == ["1-D"]
+    for r in range(2):
+        for c in range(3):
+            p = 5 + r * 3 + c
+            assert maps["1-D"]["V"][r, c].item() == pytest.approx(math.cos(p) + math.cos(0.1 * p), abs=1e-12)
+            assert maps["1-D"]["U"][r, c].item() == pytest.approx(math.sin(p) + math.sin(0.1 * p), abs=1e-12)
+
+
+def _rectangles(ax, gid):
+    return [p for p in ax.patches if p.get_gid() == gid]
+
+
+def test_ivc_figure_outlines_exactly_the_ivc_cells():
     maps = viz.ivc_maps(family_rope("qwen2_5_vl"), 6, 8, offset=20, ivc_ratio=0.1)
-    m = maps["reference"]
-    cell = 16
-    pixels = np.asarray(viz.heatmap(m["V"], m["ivc"], cell))
-    outlined = {r * 8 + c for r in range(6) for c in range(8)
-                if tuple(pixels[r * cell, c * cell]) == (255, 255, 255)}
-    assert outlined == set(m["ivc"].tolist())
-    assert 0 < len(outlined) <= 2 * round(0.1 * 48)
+    fig = viz.render_ivc_maps(maps, "title")
+    maps_axes = [ax for ax in fig.axes if ax.get_images()]
+    assert len(maps_axes) == 4  # reference V, U; sectioned V, U
+    for ax, (mode, name) in zip(maps_axes, [(m, n) for m in maps for n in ("V", "U")]):
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), maps[mode][name].numpy())
+        outlined = {int(p.get_y()) * 8 + int(p.get_x()) for p in _rectangles(ax, "ivc")}
+        assert outlined == set(maps[mode]["ivc"].tolist())
+        assert ax.get_xlabel() == "column (tokens)" and ax.get_ylabel() == "row (tokens)"
+    assert fig.legends and "IVC token" in fig.legends[0].get_texts()[0].get_text()
 
 
-def _cells(array, grid_h, grid_w, cell=viz.CELL_PX):
-    for r in range(grid_h):
-        for c in range(grid_w):
-            yield r * grid_w + c, array[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+def test_pruned_cells_are_grey_and_darker_than_a_light_background():
+    light = np.full((2, 2, 3), 235, dtype=np.uint8)
+    grey = viz.grey_out(light)
+    assert (grey[..., 0] == grey[..., 2]).all() and grey.max() < 150
 
 
-def test_overlay_greys_pruned_cells_and_keeps_the_rest():
+def test_kept_panels_cells_marks_and_legend():
     model, processor = get_model("qwen2_5_vl")
     image = make_image(224, 168, seed=9)
-    methods = ["fastv", "ivc_prune", "random"]
-    view, panels = viz.kept_panels(model, processor, image, "Where is it?", methods)
-    canvas, boxes = viz.render_kept(view, panels)
-    original = np.asarray(view)
+    methods = ["vanilla", "fastv", "ivc_prune", "random"]
+    view, panels = viz.kept_panels(model, processor, image, methods, prompt="Where is it?")
+    assert (view.grid_h, view.grid_w, view.cell) == (6, 8, 28)
     assert [p.title.split(":")[0] for p in panels] == methods  # the order asked
-    assert [b[0] for b in boxes] == sorted(b[0] for b in boxes)
-    drawn = np.asarray(canvas)
-    for panel, (x0, y0, x1, y1) in zip(panels, boxes):
-        shown = drawn[y0:y1, x0:x1]
+    assert [len(p.kept) for p in panels] == [48, 24, 24, 24]
+    assert set(panels[2].marks) == {"ivc", "seed"}
+    fig = viz.render_kept(view, panels, columns=3)
+    shown = [ax for ax in fig.axes if ax.get_images()]
+    assert len(fig.axes) == 6 and len(shown) == 4  # a 2 x 3 grid, two cells left empty
+    for ax, panel in zip(shown, panels):
+        drawn = np.asarray(ax.get_images()[0].get_array())
+        np.testing.assert_array_equal(drawn, viz.overlay(view.image, panel, view.cell))
         kept = set(panel.kept.tolist())
-        marked = set().union(*[set(v.tolist()) for v in panel.marks.values()]) if panel.marks else set()
-        assert len(kept) == round(0.5 * 48)
-        differing = set()
-        for j, cell in _cells(shown, panel.grid_h, panel.grid_w):
-            _, source = next((k, s) for k, s in _cells(original, panel.grid_h, panel.grid_w) if k == j)
+        for j in range(48):
+            r, c = divmod(j, 8)
+            cell = drawn[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+            source = view.image[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
             if j in kept:
-                if not np.array_equal(cell, source):
-                    differing.add(j)
+                assert np.array_equal(cell, source), j
             else:
                 assert (cell[..., 0] == cell[..., 1]).all() and (cell[..., 1] == cell[..., 2]).all(), j
-        assert differing <= marked  # kept cells are untouched but for the mark dots
-        assert differing == (marked & kept)
-    ivc_panel = panels[1]
-    assert set(ivc_panel.marks) == {"ivc", "seed"}
+        for name, cells in panel.marks.items():
+            scatter = next(c for c in ax.collections if c.get_gid() == f"mark:{name}")
+            centres = {(int(x - 0.5), int(y - 0.5)) for x, y in scatter.get_offsets()}
+            assert centres == {(j % 8, j // 8) for j in cells.tolist()}
+        assert ax.get_xlabel() == "column (tokens)"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["pruned (greyed)", "kept (as seen)", "IVC token", "foreground seed"]
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl", "qwen3_vl"])
+def test_kept_panels_of_every_family_show_one_segment_on_its_grid(family):
+    model, processor = get_model(family)
+    view, panels = viz.kept_panels(model, processor, make_image(224, 168), ["ivc_prune"], prompt="Where?")
+    import ivcp
+    from ivcp.testing import make_inputs
+
+    with torch.no_grad(), ivcp.prune(model, "ivc_prune") as session:
+        model(**make_inputs(processor, "Where?", images=[make_image(224, 168)]))
+    start, end = session.last.segments[-1 if family == "internvl" else 0]
+    assert view.grid_h * view.grid_w == end - start
+    assert view.image.shape == (view.grid_h * view.cell, view.grid_w * view.cell, 3)
+    kept = session.last.kept
+    assert panels[0].kept.tolist() == (kept[(kept >= start) & (kept < end)] - start).tolist()
+
+
+def test_grounder_panels_show_the_expression_and_the_predicted_box():
+    from ivcp.data.grounding import make_sample
+    from ivcp.eval.grounding import iou
+    from ivcp.testing import tiny_grounder
+
+    model, processor = tiny_grounder()
+    sample = make_sample(random.Random(3))  # "the green circle"
+    fig = viz.kept_figure(model, processor, sample["image"], ["vanilla", "fastv"], expression=sample["expression"],
+                          target=sample["box"])
+    assert sample["expression"] in fig._suptitle.get_text()
+    axes = [ax for ax in fig.axes if ax.get_images()]
+    cells = 224 / 8  # the 224-px picture is an 8 x 8 grid of 28-px tokens
+    truth = tuple(v / cells for v in sample["box"])
+    vanilla_box = _rectangles(axes[0], "predicted box")[0]
+    x, y, w, h = vanilla_box.get_x(), vanilla_box.get_y(), vanilla_box.get_width(), vanilla_box.get_height()
+    assert iou((x, y, x + w, y + h), truth) >= 0.5  # the unpruned grounder finds it
+    assert '"bbox_2d"' in axes[0].get_title()
+    for ax in axes:
+        dashed = _rectangles(ax, "true box")[0]
+        assert (dashed.get_x(), dashed.get_y()) == pytest.approx(truth[:2])
+    assert {"predicted box", "true box"} <= {t.get_text() for t in fig.legends[0].get_texts()}
 
 
 def test_cli_viz_writes_pngs(tmp_path):
     from PIL import Image
 
-    assert main(["viz", "ivc", "--model", "qwen2_vl", "--grid", "4", "6", "--out", str(tmp_path)]) == 0
-    assert Image.open(tmp_path / "ivc_maps_qwen2_vl_4x6.png").size[0] > 100
+    assert main(["viz", "ivc", "--model", "llava", "--grid", "4", "6", "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "ivc_maps_llava_4x6.png").size[0] > 300
     image = tmp_path / "picture.png"
     make_image(112, 84).save(image)
-    assert main(["viz", "kept", "--image", str(image), "--methods", "ivc_prune,fastv", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "kept_picture.png").is_file()
+    assert main(["viz", "kept", "--model", "tiny:internvl", "--image", str(image), "--methods", "ivc_prune,fastv",
+                 "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "kept_picture.png").size[0] > 300
 
 
 def test_cli_viz_bad_arguments(tmp_path, capsys):
@@ -99,5 +162,7 @@ def test_cli_viz_bad_arguments(tmp_path, capsys):
     assert "cannot read the image" in capsys.readouterr().err
     assert main(["viz", "kept", "--image", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 2
     assert "cannot read the image" in capsys.readouterr().err
+    assert main(["viz", "kept", "--image", str(image), "--out", str(tmp_path)]) == 2
+    assert "needs --expression" in capsys.readouterr().err
     assert main(["viz", "ivc", "--model", "llava_next", "--out", str(tmp_path)]) == 2
-    assert "no rotary parameters for model family 'llava_next'" in capsys.readouterr().err
+    assert "unknown model 'llava_next'" in capsys.readouterr().err

@@ -10,13 +10,34 @@ _METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: register a :class:`PruningMethod` subclass under ``cls.name``."""
+    """Class decorator: register a :class:`PruningMethod` subclass under ``cls.name``. An object built
+    directly (``ivcp.IVCPrune(keep_ratio=0.5)``) remembers the fields its caller passed, as
+    :func:`make_method` does for a name: configs fill the others, so it acts like the name."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute `name`")
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
     _METHODS[cls.name] = cls
+    _record_passed_fields(cls)
     return cls
+
+
+def _record_passed_fields(cls: type[PruningMethod]) -> None:
+    import dataclasses
+    import functools
+
+    init = cls.__init__
+    if getattr(init, "_records_passed_fields", False) or not dataclasses.is_dataclass(cls):
+        return
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._explicit = frozenset(names[: len(args)]) | frozenset(kwargs)
+
+    __init__._records_passed_fields = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 def available_methods() -> list[str]:

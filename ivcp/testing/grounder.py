@@ -76,7 +76,7 @@ def generate_answers(model, processor, images, expressions, batch_size: int = 50
     try:
         for start in range(0, len(images), batch_size):
             texts = [prompt_text(processor, e) for e in expressions[start: start + batch_size]]
-            inputs = processor(text=texts, images=images[start: start + batch_size])
+            inputs = processor(text=texts, images=images[start: start + batch_size], padding=True, return_tensors="pt")
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
             out += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -48,7 +48,7 @@ def make_inputs(processor, prompt: str = "Describe the picture.", images=None, v
         pixel_values, grid = _patchify_video(processor.image_processor, frames)
         video = dict(pixel_values_videos=pixel_values, video_grid_thw=grid)
         merge = processor.image_processor.merge_size ** 2
-        if getattr(processor, "video_frames_wrapped", False):
+        if any(c.__name__ == "Qwen3VLProcessor" for c in type(processor).__mro__):
             # Qwen3-VL's processor: each temporal slice "<t seconds>" + its own start/end markers
             t, h, w = (int(v) for v in grid[0])
             per_slice = "<|vision_start|>" + "<|video_pad|>" * (h * w // merge) + "<|vision_end|>"

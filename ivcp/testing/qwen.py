@@ -6,8 +6,7 @@ processor is transformers' ``Qwen2VLImageProcessorPil`` (no torchvision).
 
 from __future__ import annotations
 
-import math
-import re
+import functools
 from typing import Any
 
 import torch
@@ -69,66 +68,59 @@ def tiny_tokenizer():
     return byte_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def tiny_processor(family: str = "qwen2_5_vl", min_pixels: int = 4 * 28 * 28,
-                   max_pixels: int = 256 * 28 * 28) -> "TinyProcessor":
-    """Processor for the tiny models: ``Qwen2VLImageProcessorPil`` + the byte tokenizer."""
+def tiny_processor(family: str = "qwen2_5_vl", min_pixels: int = 4 * 28 * 28, max_pixels: int = 256 * 28 * 28):
+    """The family's own transformers processor (``Qwen2_5_VLProcessor`` / ``Qwen2VLProcessor``) around
+    ``Qwen2VLImageProcessorPil`` and the byte tokenizer: ``apply_chat_template(tokenize=True)``,
+    ``save_pretrained`` / ``AutoProcessor.from_pretrained`` and ``pipeline("image-text-to-text")`` work.
+    See :func:`real_processor` for its video half."""
     from transformers import Qwen2VLImageProcessorPil
 
     _check_family(family)
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=14, temporal_patch_size=2, merge_size=2,
-    )
-    return TinyProcessor(image_processor, tiny_tokenizer())
+    kwargs = dict(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14, temporal_patch_size=2,
+                  merge_size=2)
+    name = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"
+    return real_processor(name, Qwen2VLImageProcessorPil(**kwargs), tiny_tokenizer(), CHAT_TEMPLATE,
+                          "Qwen2VLVideoProcessor", kwargs)
 
 
-class TinyProcessor:
-    """The part of Qwen's processor the tiny models need, without its torchvision-bound video half.
+def real_processor(class_name: str, image_processor, tokenizer, chat_template: str, video_class: str,
+                   video_kwargs: dict):
+    """transformers' processor ``class_name`` built from these parts. Its video processor needs
+    torchvision: where torchvision is missing (the core install) the processor is the same class less its
+    video half (:func:`image_only`), which refuses videos with a clear error."""
+    import transformers
+    from transformers.utils import is_torchvision_available
 
-    ``processor(text=..., images=...)`` expands each ``<|image_pad|>`` to the image's merged token
-    count, like ``Qwen2_5_VLProcessor``, and returns the same fields.
-    """
+    cls = getattr(transformers, class_name)
+    if is_torchvision_available():
+        video = getattr(transformers, video_class)(**video_kwargs)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
+                   chat_template=chat_template)
+    return image_only(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
-    image_token = "<|image_pad|>"
-    video_token = "<|video_pad|>"
 
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = tokenizer.chat_template
+@functools.lru_cache(maxsize=None)
+def image_only(cls):
+    """A subclass of the processor class ``cls`` without its (torchvision-bound) video processor.
+    ``save_pretrained`` writes ``cls``'s name, so ``AutoProcessor`` loads the stock class."""
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
-        """Render one conversation (a list of turns) or a batch of them (a list of lists), as
-        ``Qwen2_5_VLProcessor.apply_chat_template(..., tokenize=False)`` does."""
-        if tokenize:
-            raise ValueError("TinyProcessor.apply_chat_template only renders text; call the processor on it")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **kwargs)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        self.video_processor = None
 
-    def __call__(self, text, images=None, videos=None, return_tensors: str = "pt", padding: bool = True,
-                 **kwargs) -> dict:
-        if videos:
-            raise ValueError("the tiny processor takes images only (build video inputs with ivcp.testing.make_inputs)")
-        texts = [text] if isinstance(text, str) else list(text)
-        data: dict = {}
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            data.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-            grids = iter(vision["image_grid_thw"].tolist())
-            merge = self.image_processor.merge_size ** 2
-            texts = [re.sub(re.escape(self.image_token),
-                            lambda _: "<|placeholder|>" * (math.prod(next(grids)) // merge), t) for t in texts]
-            texts = [t.replace("<|placeholder|>", self.image_token) for t in texts]
-        ids = self.tokenizer(texts, return_tensors="pt", padding=padding and len(texts) > 1)
-        data["input_ids"], data["attention_mask"] = ids["input_ids"], ids["attention_mask"]
-        data["mm_token_type_ids"] = _mm_token_types(ids["input_ids"], self.tokenizer)
-        return data
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(f"this {cls.__name__} has no video processor (torchvision is not installed); build video "
+                             "inputs with ivcp.testing.make_inputs")
+        return cls.__call__(self, images=images, text=text, **kwargs)
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+    def to_dict(self):
+        out = cls.to_dict(self)
+        out["processor_class"] = cls.__name__
+        return out
 
-    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
+    return type(f"ImageOnly{cls.__name__}", (cls,), {"__init__": __init__, "__call__": __call__, "to_dict": to_dict,
+                                                      "__module__": __name__, "__doc__": image_only.__doc__})
 
 
 def tiny_config(family: str = "qwen2_5_vl", vision_overrides: dict | None = None, **overrides: Any):
@@ -176,15 +168,6 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0, dtype: torch.dtype = t
         from transformers import Qwen2VLForConditionalGeneration as Model
     model = build_tiny(Model, config, seed, dtype)
     return model, tiny_processor(family)
-
-
-def _mm_token_types(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == image_id] = 1
-    types[input_ids == video_id] = 2
-    return types
 
 
 def _check_family(family: str) -> None:

@@ -2,8 +2,8 @@
 
 The real architecture, small: q/k norms, interleaved M-RoPE, deepstack (the features of all three
 vision blocks added after decoder layers 0, 1, 2 of 5), 16-px patches with a 2 × 2 merge (32 px per
-token), a learned position embedding resampled to each image. The processor is ivcp's
-``TinyProcessor`` around ``Qwen2VLImageProcessorPil`` with Qwen3-VL's patch size and 0.5 mean / std;
+token), a learned position embedding resampled to each image. The processor is transformers'
+``Qwen3VLProcessor`` around ``Qwen2VLImageProcessorPil`` with Qwen3-VL's patch size and 0.5 mean / std;
 the chat template is Qwen3's (no default system prompt).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .common import build_tiny
-from .qwen import SPECIAL_TOKENS, TinyProcessor
+from .qwen import SPECIAL_TOKENS, real_processor
 from .tokenizer import byte_tokenizer
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
@@ -35,14 +35,14 @@ def tiny_tokenizer():
 
 
 def tiny_processor(family: str = "qwen3_vl", min_pixels: int = 4 * 32 * 32, max_pixels: int = 256 * 32 * 32):
+    """transformers' ``Qwen3VLProcessor`` around ``Qwen2VLImageProcessorPil`` (16-px patches, 0.5 mean / std)
+    and the byte tokenizer (see :func:`ivcp.testing.qwen.real_processor`)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                                               patch_size=16, temporal_patch_size=2, merge_size=2,
-                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = TinyProcessor(image_processor, tiny_tokenizer())
-    processor.video_frames_wrapped = True  # Qwen3-VL wraps each temporal slice of a video in its own markers
-    return processor
+    kwargs = dict(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=16, temporal_patch_size=2,
+                  merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return real_processor("Qwen3VLProcessor", Qwen2VLImageProcessorPil(**kwargs), tiny_tokenizer(), CHAT_TEMPLATE,
+                          "Qwen3VLVideoProcessor", kwargs)
 
 
 def tiny_config(family: str = "qwen3_vl", **overrides: Any):
