@@ -569,6 +569,9 @@ class PruneSession:
             raise ValueError("ivcp does not support assisted or prompt-lookup decoding (assistant_model, "
                              "prompt_lookup_num_tokens, assistant_early_exit): checking drafted tokens crops the KV "
                              "cache, whose layers hold different tokens once pruned; use greedy or sampling decoding")
+        if option("prefill_chunk_size"):
+            raise ValueError("ivcp chooses the visual tokens from the whole prompt in one prefill: "
+                             "prefill_chunk_size is not supported")
         if option("use_cache") is False:
             raise ValueError("ivcp generates with the KV cache: with use_cache=False every step would be a new "
                              "prefill that chooses the visual tokens again from the grown text; drop use_cache=False")

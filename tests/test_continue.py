@@ -162,6 +162,8 @@ def test_generation_without_the_cache_is_refused():
             _generate(model, inputs, 3, use_cache=False)
         with pytest.raises(ValueError, match="use_cache=False"):
             _generate(model, inputs, 3, generation_config=GenerationConfig(use_cache=False))
+        with pytest.raises(ValueError, match="prefill_chunk_size is not supported"):  # a prefill in pieces
+            _generate(model, inputs, 3, prefill_chunk_size=16)
         model(**inputs, use_cache=False)  # one forward without a cache is one prefill: fine
     assert len(session.records) == 1
 
