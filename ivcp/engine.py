@@ -12,7 +12,9 @@ model, the decoder stack and every decoder layer; plain ``model(**inputs)`` and
    kept tokens (rows left-padded to the longest, the padding masked: :mod:`ivcp.layout`) and, for
    methods that ask for it, cuts the KV cache of layers < K to the same tokens;
 4. decoding continues at the positions the unpruned model would use, each row from its own last one,
-   with every layer's decode mask cut to the entries its cache holds.
+   with every layer's decode mask cut to the entries its cache holds. The returned cache says the length
+   of the unpruned sequence it stands for, so any later call inside the block (more tokens, new text, a
+   chat turn with a new picture, which runs unpruned) continues it exactly; outside the block it is refused.
 
 On exit all hooks are removed; the model's parameters and buffers are never modified.
 """
@@ -505,7 +507,8 @@ class SelectionContext:
 
 
 class PruneSession:
-    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill (a :class:`BatchRecord`)."""
+    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill (a :class:`BatchRecord`),
+    ``records`` every prefill of the block in order."""
 
     def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter, sync_timing: bool = False):
         self.model, self.method, self.adapter = model, method, adapter
