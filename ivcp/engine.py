@@ -12,7 +12,9 @@ model, the decoder stack and every decoder layer; plain ``model(**inputs)`` and
    kept tokens (rows left-padded to the longest, the padding masked: :mod:`ivcp.layout`) and, for
    methods that ask for it, cuts the KV cache of layers < K to the same tokens;
 4. decoding continues at the positions the unpruned model would use, each row from its own last one,
-   with every layer's decode mask cut to the entries its cache holds.
+   with every layer's decode mask cut to the entries its cache holds. The returned cache says the length
+   of the unpruned sequence it stands for, so any later call inside the block (more tokens, new text, a
+   chat turn with a new picture, which runs unpruned) continues it exactly; outside the block it is refused.
 
 On exit all hooks are removed; the model's parameters and buffers are never modified.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 import weakref
 from collections.abc import Sequence
@@ -65,6 +68,25 @@ class PrefillRecord:
             return 1.0
         return sum(self.visual_kv_per_layer) / (self.n_visual * len(self.visual_kv_per_layer))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only (index tensors as lists), ready for ``json.dumps``."""
+        return {"segments": [list(s) for s in self.segments], "kept": self.kept.tolist(), "n_visual": self.n_visual,
+                "n_visual_kept": self.n_visual_kept, "kv_lengths": list(self.kv_lengths), "seq_len": self.seq_len,
+                "padding": self.padding, "visual_kv_share": self.visual_kv_share,
+                "stages": [{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                           for st in self.stages],
+                "marks": {k: v.tolist() for k, v in self.marks.items()},
+                "visual_kv_per_layer": list(self.visual_kv_per_layer), "selection_seconds": self.selection_seconds,
+                "method": _plain(self.method)}
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"layer {st['layer']}: {st['n_visual_kept']}" for st in self.stages)
+        marks = ", ".join(f"{k}: {v.numel()}" for k, v in self.marks.items())
+        return (f"PrefillRecord(visual {self.n_visual_kept}/{self.n_visual} kept in {len(self.segments)} segments, "
+                f"{self.kept.numel()} of {self.seq_len - self.padding} tokens after the last stage, "
+                f"stages [{stages}], kv_lengths {self.kv_lengths}, visual_kv_share {self.visual_kv_share:.3f}"
+                + (f", padding {self.padding}" if self.padding else "") + (f", marks {{{marks}}}" if marks else "") + ")")
+
 
 class BatchRecord(Sequence[PrefillRecord]):
     """The last prefill: one :class:`PrefillRecord` per batch row (``session.last[b]``). With a batch of one,
@@ -103,8 +125,28 @@ class BatchRecord(Sequence[PrefillRecord]):
                                  f"session.last[b].{name}")
         raise AttributeError(name)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only, ready for ``json.dumps``: the batch's fields and one dict per row."""
+        return {"batch_size": self.batch_size, "cache_lengths": list(self.cache_lengths),
+                "visual_kv_share": self.visual_kv_share, "selection_seconds": self.selection_seconds,
+                "method": _plain(self.method), "rows": [r.to_dict() for r in self.rows]}
+
     def __repr__(self) -> str:
-        return f"BatchRecord({self.rows!r})"
+        name = self.method.get("method", "?") if isinstance(self.method, dict) else self.method
+        rows = "".join(f"\n  [{b}] {r!r}" for b, r in enumerate(self.rows))
+        return (f"BatchRecord({name}, {self.batch_size} row{'s' if self.batch_size != 1 else ''}, "
+                f"cache_lengths {self.cache_lengths}, visual_kv_share {self.visual_kv_share:.3f}:{rows})")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tensors and tuples turned into lists (for JSON)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass
@@ -121,10 +163,15 @@ class _CacheInfo:
     # (layers, B): how far below the unpruned ids each layer numbered the prompt's last token (a method that
     # renumbers positions, e.g. PDrop's): decode tokens at that layer move down as far. None: nothing moved.
     shifts: torch.Tensor | None = None
+    model: "weakref.ReferenceType[nn.Module] | None" = None  # the model whose ivcp.prune block may continue it
 
     @property
     def n_layer0(self) -> int:
         return self.layouts[0].width
+
+    def length(self, stored: int) -> int:
+        """The unpruned sequence length a cache whose layer 0 stores ``stored`` entries stands for."""
+        return stored + self.seq_len - self.n_layer0
 
     def layer_mask(self, layer: int, mask, generated: int, queries: int, dtype: torch.dtype):
         """The decode mask of ``layer``, whose cache holds its prompt entries then ``generated`` decode
@@ -171,6 +218,58 @@ class _CacheInfo:
         tokens, valid = layout.tokens.to(mask.device), layout.valid.to(mask.device)
         prompt = mask[:, : self.seq_len].bool().gather(1, tokens) & valid
         return torch.cat([prompt, mask[:, self.seq_len:].bool()], dim=1).to(mask.dtype)
+
+
+def _stored_length(cache, layer: int = 0) -> int:
+    """Entries a cache layer really stores (a pruned cache's ``get_seq_length`` says the unpruned length)."""
+    if cache is None or len(cache.layers) <= layer:
+        return 0
+    keys = getattr(cache.layers[layer], "keys", None)
+    return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+
+
+class _PrunedCache:
+    """Mixed into a KV cache the engine pruned (its class is swapped for ``Pruned<Class>``): it says the
+    length of the unpruned sequence it stands for (``generate`` and the models slice the new input and
+    number positions by it), and refuses to be used outside an ``ivcp.prune`` block on its model, where
+    nothing would cut each layer's mask to the entries it holds."""
+
+    _ivcp: _CacheInfo
+
+    def _ivcp_check(self) -> _CacheInfo:
+        info = self._ivcp
+        model = info.model() if info.model is not None else None
+        if model is None or model not in _ACTIVE:
+            raise ValueError("this KV cache was pruned by ivcp (its layers hold different tokens): continue "
+                             "generating from it inside an `ivcp.prune` block on the same model")
+        return info
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._ivcp_check().length(_stored_length(self, 0))
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:  # the masks index the stored entries
+        self._ivcp_check()
+        return _stored_length(self, layer_idx)
+
+    def update(self, *args, **kwargs):
+        self._ivcp_check()
+        return super().update(*args, **kwargs)
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("ivcp cannot crop a pruned KV cache (its layers hold different tokens)")
+
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def _mark_pruned(cache, info: _CacheInfo) -> None:
+    """Make ``cache`` a pruned cache described by ``info`` (its class becomes a subclass of its own)."""
+    cls = type(cache)
+    if not isinstance(cache, _PrunedCache):
+        if cls not in _PRUNED_CLASSES:
+            _PRUNED_CLASSES[cls] = type(f"Pruned{cls.__name__}", (_PrunedCache, cls), {"__module__": __name__})
+        cache.__class__ = _PRUNED_CLASSES[cls]
+    cache._ivcp = info
 
 
 class _PrefillState:
@@ -288,17 +387,21 @@ class HookContext(SelectionContext):
 
 
 class PruneSession:
-    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill (a :class:`BatchRecord`)."""
+    """The hooks of one ``ivcp.prune`` block; ``last`` describes the last prefill (a :class:`BatchRecord`),
+    ``records`` every prefill of the block in order."""
 
     def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter, sync_timing: bool = False):
         self.model, self.method, self.adapter = model, method, adapter
         self.sync_timing = sync_timing  # synchronise CUDA around the selection so its time is real
         self.stage_layers = method.selection_layers()
         self.last: BatchRecord | None = None
+        self.records: list[BatchRecord] = []  # every prefill of the block, in order (``last`` is the latest)
+        self._last_layout: TokenLayout | None = None  # the tokens the last prefill's logits stand for
+        self._labels: torch.Tensor | None = None
         self._state: _PrefillState | None = None
         self._decoding: _CacheInfo | None = None  # set during a forward on a pruned cache
         self._decode_positions: torch.Tensor | None = None  # (rows, B, T) unpruned ids of a forward on it
-        self._caches: "weakref.WeakKeyDictionary[Any, _CacheInfo]" = weakref.WeakKeyDictionary()
+        self._takes_cache_position = "cache_position" in inspect.signature(adapter.multimodal_model.forward).parameters
         self._handles: list[Any] = []
         self._vision_blocks = method.vision_blocks(adapter)
         self._vision_calls: list[dict] = []  # per vision-tower call: grid_thw and block inputs
@@ -309,6 +412,9 @@ class PruneSession:
         a = self.adapter
         self._handles.append(a.multimodal_model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         self._handles.append(a.multimodal_model.register_forward_hook(self._after_model, with_kwargs=True))
+        if self.model is not a.multimodal_model:  # labels: the loss over the positions the logits stand for
+            self._handles.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
         self._handles.append(a.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
         for index, layer in enumerate(a.layers):
             hook = lambda module, args, kwargs, index=index: self._on_layer(index, args, kwargs)  # noqa: E731
@@ -338,6 +444,21 @@ class PruneSession:
         if beams > 1:
             raise ValueError(f"ivcp does not support beam search (num_beams={beams}): each beam would need its own "
                              "pruned cache; use greedy or sampling decoding")
+
+        def option(name):
+            value = kwargs.get(name)
+            return value if value is not None else getattr(config, name, None) if config is not None else None
+
+        if option("assistant_model") is not None or option("prompt_lookup_num_tokens") or option("assistant_early_exit"):
+            raise ValueError("ivcp does not support assisted or prompt-lookup decoding (assistant_model, "
+                             "prompt_lookup_num_tokens, assistant_early_exit): checking drafted tokens crops the KV "
+                             "cache, whose layers hold different tokens once pruned; use greedy or sampling decoding")
+        if option("prefill_chunk_size"):
+            raise ValueError("ivcp chooses the visual tokens from the whole prompt in one prefill: "
+                             "prefill_chunk_size is not supported")
+        if option("use_cache") is False:
+            raise ValueError("ivcp generates with the KV cache: with use_cache=False every step would be a new "
+                             "prefill that chooses the visual tokens again from the grown text; drop use_cache=False")
         if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is not None and any(
                 kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             raise ValueError("ivcp needs input_ids to find the image tokens: pass input_ids (with the pixels), "
@@ -383,18 +504,14 @@ class PruneSession:
     def _on_model(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_kwarg(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = _stored_length(cache)
         self._state, self._decoding = None, None
         has_pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if past > 0:  # a continuation: images it brings (a later chat turn) run unpruned on top of the cache
+            return (args, kwargs) if self._continue(cache, past, kwargs) else None
         if input_ids is None:
-            if has_pixels:
-                raise ValueError("ivcp needs input_ids (not inputs_embeds) to find the image tokens")
-            return (args, kwargs) if self._continue(cache, past, kwargs) else None
-        if past > 0:
-            if has_pixels or kwargs.get("mm_encoder_outputs"):
-                raise ValueError("ivcp prunes visual tokens in the first forward of a sequence only; this "
-                                 "forward brings images on top of an existing KV cache")
-            return (args, kwargs) if self._continue(cache, past, kwargs) else None
+            raise ValueError("ivcp needs input_ids to find the image tokens: pass input_ids (with the pixels), "
+                             "not inputs_embeds (image features merged into embeddings cannot be pruned)")
         if cache is not None and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
             raise ValueError(f"ivcp trims a DynamicCache; this cache ({type(cache).__name__}) has other layer types")
         if has_pixels:  # the tower runs inside this forward: anything captured before is stale
@@ -409,6 +526,11 @@ class PruneSession:
                 padding = None
             elif bool(padding.all(dim=1).any()):
                 raise ValueError("a row of the batch is all padding (its attention_mask is all zeros)")
+            elif bool((padding[:, 1:] & ~padding[:, :-1]).any()):
+                rows = torch.nonzero((padding[:, 1:] & ~padding[:, :-1]).any(1)).flatten().tolist()
+                raise ValueError(f"rows {rows} of the batch have padding after real tokens: ivcp needs left padding "
+                                 "(processor.tokenizer.padding_side = \"left\", or padding_side=\"left\" in "
+                                 "ivcp.collate)")
         self._state = _PrefillState(input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
                                     self.adapter.layout_inputs(kwargs), padding)
         if padding is not None and kwargs.get("position_ids") is None and self.adapter.position_rows == 1:
@@ -420,10 +542,9 @@ class PruneSession:
         return None
 
     def _continue(self, cache, past: int, kwargs) -> bool:
-        """A forward on top of a pruned cache: the mask is cut to layer 0's entries, and a forward that
-        brings no position ids gets the unpruned model's (transformers would derive them from the shorter
-        cache). True if ``kwargs`` changed."""
-        info = self._caches.get(cache) if cache is not None else None
+        """A forward on top of a pruned cache (layer 0 stores ``past`` entries): the mask is cut to layer 0's
+        entries, and a forward that brings no position ids gets the unpruned model's. True if ``kwargs`` changed."""
+        info = getattr(cache, "_ivcp", None)
         self._decoding = info
         if info is None:
             return False
@@ -433,11 +554,20 @@ class PruneSession:
         if batch != info.layouts[0].batch:
             raise ValueError(f"this pruned cache holds {info.layouts[0].batch} rows; the forward brings {batch}")
         kwargs["attention_mask"] = info.prompt_mask(kwargs.get("attention_mask"), past, length)
-        if kwargs.get("position_ids") is None:
-            start = past + info.seq_len - info.n_layer0
+        start = info.length(past)  # the new tokens' index in the unpruned sequence
+        pos = kwargs.get("position_ids")
+        if pos is None:
             pos = torch.arange(start, start + length, device=ref.device)[None, :] + info.rope_delta.to(ref.device)
             # 1-D RoPE takes (B, T) ids; M-RoPE (rows, B, T)
-            kwargs["position_ids"] = pos.expand(batch, length) if info.rows == 1 else pos[None].expand(info.rows, batch, length)
+            pos = pos.expand(batch, length) if info.rows == 1 else pos[None].expand(info.rows, batch, length)
+            kwargs["position_ids"] = pos
+        # where decoding goes on after these tokens (a later turn's image moves M-RoPE positions on)
+        rows = pos if pos.dim() == 3 else pos[None]
+        if rows.shape[0] == info.rows + 1:  # text row first, then the rotary rows
+            rows = rows[1:]
+        info.rope_delta = rows[..., -1].amax(0).view(-1, 1).to(info.rope_delta.device) + 1 - (start + length)
+        if self._takes_cache_position:  # transformers < 5.25 numbers the masks' queries by cache_position
+            kwargs["cache_position"] = torch.arange(past, past + length, device=ref.device)
         return True
 
     def _on_text_model(self, module, args, kwargs):
@@ -465,7 +595,7 @@ class PruneSession:
                                                      state.position_ids, image_sizes=state.image_sizes)
         if not any(state.segments):  # text only: runs unpruned
             state.layer_layouts = {i: state.layout for i in range(len(self.adapter.layers))}
-            self.last = self._record(state, cache=None)
+            self._store(self._record(state, cache=None), state.layout)
             self._state = None
             return None
         for row, segments in enumerate(state.segments):
@@ -651,13 +781,48 @@ class PruneSession:
                 selection_seconds=state.row_seconds[row], method=method, padding=int(padding[row])))
         return BatchRecord(rows, cache_lengths, state.selection_seconds, method)
 
+    def _store(self, record: BatchRecord, layout: TokenLayout) -> None:
+        self.last, self._last_layout = record, layout
+        self.records.append(record)
+
+    def _take_labels(self, module, args, kwargs):
+        """A prefill's ``labels`` are taken from the model (its logits cover the kept tokens only) and its
+        loss is computed after the forward by :meth:`_loss`."""
+        self._labels = None
+        if kwargs.get("labels") is None or _stored_length(cache_kwarg(kwargs)) > 0:
+            return None  # a continuation's logits are those of its new tokens: the model's own loss is right
+        self._labels, self._last_layout = kwargs.pop("labels"), None
+        return args, kwargs
+
+    def _loss(self, module, args, kwargs, output):
+        """The causal-LM loss over the positions the logits stand for: the logit of input token t (a kept
+        one) is scored against ``labels[t + 1]``, as the unpruned model scores it (mean over the labels
+        that are not -100). Pad tokens' logits are not scored (the unpruned model scores the last pad's against
+        the row's first label)."""
+        labels, layout, self._labels = self._labels, self._last_layout, None
+        if labels is None:
+            return None
+        if layout is None:
+            raise ValueError("ivcp could not tell which tokens this forward's logits stand for, so it cannot score labels")
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        if labels.shape != (layout.batch, layout.seq_len):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match input_ids {(layout.batch, layout.seq_len)}")
+        following = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        targets = following.gather(1, layout.tokens.to(labels.device)).masked_fill(~layout.valid.to(labels.device), -100)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device),
+                                           ignore_index=-100)
+        if isinstance(output, dict):
+            output["loss"] = loss
+            return output
+        return (loss,) + tuple(output)
+
     def _after_model(self, module, args, kwargs, output):
         state, self._state, self._decoding = self._state, None, None
         if state is None:
             return None
         self._vision_calls, self._vision_scores = [], {}
         cache = output_cache(output)
-        self.last = self._record(state, cache)
+        self._store(self._record(state, cache), state.layout)
         layouts = [state.layer_layouts[i] for i in range(len(self.adapter.layers))]
         if cache is not None and any(not layout.same_as(state.initial_layout) for layout in layouts):
             pos = state.position_ids  # each row's last real position decides where its decoding goes on
@@ -669,8 +834,8 @@ class PruneSession:
             if state.layer_shifts:
                 zero = torch.zeros(state.batch, dtype=torch.long, device=pos.device)
                 shifts = torch.stack([state.layer_shifts.get(i, zero).to(pos.device) for i in range(len(layouts))])
-            self._caches[cache] = _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
-                                             self.adapter.attn_implementation, shifts)
+            _mark_pruned(cache, _CacheInfo(state.seq_len, delta, pos.shape[0], layouts, columns,
+                                           self.adapter.attn_implementation, shifts, weakref.ref(self.model)))
         return None
 
 

@@ -122,8 +122,8 @@ def oracle_logits(model, inputs: dict, generated: torch.Tensor, stages: list[tup
         feed = dict(inputs)
         feed["input_ids"] = full_ids
         feed["attention_mask"] = torch.ones_like(full_ids)
-        if "mm_token_type_ids" in feed:
-            extra = torch.zeros(1, steps, dtype=feed["mm_token_type_ids"].dtype)
+        if "mm_token_type_ids" in feed:  # the tokens after those it covers are text
+            extra = torch.zeros(1, n_total - feed["mm_token_type_ids"].shape[1], dtype=feed["mm_token_type_ids"].dtype)
             feed["mm_token_type_ids"] = torch.cat([feed["mm_token_type_ids"], extra], dim=1)
         if renumber:
             if hasattr(model.model, "get_rope_index"):  # M-RoPE

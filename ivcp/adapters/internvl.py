@@ -46,6 +46,17 @@ def tile_grid(height: int, width: int, min_tiles: int = 1, max_tiles: int = 6, t
     return best
 
 
+def check_tile_count(size: tuple[int, int], parts: int, image: int = 0) -> None:
+    """Refuse an image size (H, W) that InternVL's tiling cannot turn into ``parts`` token tiles (the tiles,
+    plus the thumbnail when there are several) under any maximum tile count: the size contradicts the
+    image's tokens, and the tiles' layout read from it would be wrong."""
+    tiles = parts - 1 if parts > 1 else 1
+    if parts == 2 or not any(math.prod(tile_grid(*size, 1, most)) == tiles for most in range(tiles, 2 * tiles + 13)):
+        height, width = size
+        raise ValueError(f"image {image} of the prompt: its image_sizes entry {height}x{width} (height x width) cannot give its {parts} "
+                         f"tiles of tokens by InternVL's tiling: the sizes do not belong to these image tokens")
+
+
 @register_adapter
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
@@ -106,6 +117,8 @@ class InternVLAdapter(ModelAdapter):
                     int(input_ids[start + n]) != context - 1:
                 raise ValueError(f"the image tokens at {start} are not between <img> and </img>")
             layout = None
+            if sizes is not None:
+                check_tile_count(sizes[source], parts, source)
             if sizes is not None and parts > 1:
                 cols, rows = tile_grid(*sizes[source], tiles=parts - 1)
                 layout = (rows, cols)
