@@ -553,6 +553,16 @@ def test_run_py_refuses_unknown_model_names(tmp_path):
     assert run.returncode == 2 and "unknown model name(s): Nope_IVCP" in run.stderr
 
 
+def test_run_py_refuses_a_mistyped_lmudata_and_grounding_without_a_prompt(tmp_path):
+    env = dict(os.environ, LMUData=str(tmp_path / "LMUDta"), HOME=str(tmp_path))
+    command = [sys.executable, str(ROOT / "VLMEvalKit/run.py"), "--data", "RefCOCO_val", "--work-dir", str(tmp_path / "w")]
+    run = subprocess.run(command + ["--model", "InternVL-Tiny"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and f"run.py: LMUData={tmp_path / 'LMUDta'} is not a folder" in run.stderr
+    assert not (tmp_path / "w" / "InternVL-Tiny").exists()  # nothing ran (VLMEvalKit itself makes ~/LMUData on import)
+    run = subprocess.run(command + ["--model", "llava-1.5-Tiny"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "run.py: no grounding prompt for llava-1.5-Tiny (llava)" in run.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--models"], "--models needs a value"),
     (["--methods", "--data", "RefCOCO_val"], "--methods needs a value"),
