@@ -43,7 +43,29 @@ class _Failures(logging.Handler):
         self.messages.append(record.getMessage().splitlines()[0][:300])
 
 
+def _ranks_on_gloo_without_gpu() -> None:
+    """VLMEvalKit starts several ranks with ``init_process_group(backend='nccl')``, hard-coded, and NCCL
+    needs GPUs: where none is present the ranks talk over gloo instead (VLMEvalKit itself unmodified;
+    its barriers are all it asks of the process group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        return
+    init = dist.init_process_group
+
+    def init_process_group(*args, **kwargs):
+        if kwargs.get("backend", args[0] if args else None) == "nccl":
+            args, kwargs = args[1:], {**kwargs, "backend": "gloo"}
+        return init(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+
+
 def run() -> int:
+    _ranks_on_gloo_without_gpu()
     load_env()  # VLMEvalKit's .env (judge API keys), as its own entry point does
     args = parse_args()
     unknown = [m for m in args.model or [] if m not in supported_VLM]

@@ -157,7 +157,7 @@ def overlay(image_rgb: np.ndarray, panel: Panel, cell: int = CELL_PX) -> np.ndar
 def render_kept(view: KeptView, panels: list[Panel], columns: int = 2, title: str = "",
                 target: tuple[float, float, float, float] | None = None):
     """A matplotlib figure: one panel per method in a grid (``columns`` per row), in the order given;
-    pruned cells grey, marks at the cell centres, the predicted box (if any) in green and the true box
+    pruned cells grey, marks at the cell centres, the predicted box (if any) in magenta and the true box
     ``target`` (cells, if known) dashed; axes in token cells; one legend (pruned / kept / IVC token /
     seed / boxes)."""
     plt = _pyplot()
@@ -171,7 +171,7 @@ def render_kept(view: KeptView, panels: list[Panel], columns: int = 2, title: st
     rows = -(-len(panels) // columns)
     aspect = view.grid_w / view.grid_h
     side = 3.6
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * side * max(aspect, 0.6) + 0.4, rows * side + 1.4),
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * side * max(aspect, 0.6) + 0.4, rows * (side + 0.6) + 1.2),
                              squeeze=False, layout="constrained")
     marks_seen: dict[str, None] = {}
     any_box = False
@@ -192,7 +192,7 @@ def render_kept(view: KeptView, panels: list[Panel], columns: int = 2, title: st
             marks_seen[name] = None
         if panel.box is not None:
             x1, y1, x2, y2 = panel.box
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="#00c800", linewidth=2,
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="#d000d0", linewidth=2,
                                    gid="predicted box"))
             any_box = True
         if target is not None:
@@ -214,7 +214,7 @@ def render_kept(view: KeptView, panels: list[Panel], columns: int = 2, title: st
         style = MARK_STYLES.get(name, dict(marker="x", color="#ff00ff", label=name))
         handles.append(Line2D([], [], linestyle="none", marker=style["marker"], color=style["color"], label=style["label"]))
     if any_box:
-        handles.append(Patch(facecolor="none", edgecolor="#00c800", linewidth=2, label="predicted box"))
+        handles.append(Patch(facecolor="none", edgecolor="#d000d0", linewidth=2, label="predicted box"))
     if target is not None:
         handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="true box"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), frameon=False, fontsize=8)
