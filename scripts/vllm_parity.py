@@ -88,7 +88,7 @@ def vllm_answers(folder: Path, samples: list[dict], method: str | None, params: 
     record = Path(tempfile.mkdtemp()) / "kept.jsonl"
     os.environ["IVCP_VLLM_RECORD"] = str(record)
     kwargs = engine_args(method, **params) if plugin else {"enable_prefix_caching": False}
-    llm = LLM(model=str(folder), max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.05,
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.05,
               limit_mm_per_prompt={"image": 2}, max_num_seqs=16, seed=0, **kwargs)
     requests = [{"prompt": prompt_text(processor, s["expression"], len(s["images"])),
                  "multi_modal_data": {"image": s["images"] if len(s["images"]) > 1 else s["images"][0]}}
