@@ -1,4 +1,5 @@
-"""Checks run inside the vLLM environment by tests/test_vllm.py (one process: no engine is started).
+"""Checks run inside the vLLM environment by tests/test_vllm.py (one process: no engine is started; not a
+pytest module: the vLLM environment has no pytest).
 
 Each check prints "ok <name>" or raises; bad names / parameters and refused engine settings must fail
 with ivcp's one-line errors."""
