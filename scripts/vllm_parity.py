@@ -47,8 +47,10 @@ def prompt_text(processor, expression: str, n_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def hf_answers(folder: Path, samples: list[dict], method: str | None, params: dict, max_tokens: int) -> list[dict]:
-    """ivcp's HF path, one prompt at a time: answer, every layer's KV length and the kept tokens."""
+def hf_answers(folder: Path, samples: list[dict], method: str | None, params: dict, max_tokens: int,
+               batch_size: int = 10) -> list[dict]:
+    """ivcp's HF path, in left-padded batches (each row is pruned as it would be alone: ivcp's batch
+    contract): answer, every layer's KV length and the kept tokens (indices without the row's padding)."""
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -57,22 +59,33 @@ def hf_answers(folder: Path, samples: list[dict], method: str | None, params: di
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    layers = model.config.text_config.num_hidden_layers
+    args = dict(max_new_tokens=max_tokens, do_sample=False, repetition_penalty=1.0,
+                pad_token_id=model.config.text_config.pad_token_id, eos_token_id=model.config.text_config.eos_token_id)
     out = []
-    for sample in samples:
-        inputs = processor(text=[prompt_text(processor, sample["expression"], len(sample["images"]))],
-                           images=sample["images"], return_tensors="pt")
-        args = dict(max_new_tokens=max_tokens, do_sample=False, repetition_penalty=1.0,
-                    pad_token_id=model.config.text_config.pad_token_id, eos_token_id=model.config.text_config.eos_token_id)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start: start + batch_size]
+        texts = [prompt_text(processor, s["expression"], len(s["images"])) for s in batch]
+        inputs = processor(text=texts, images=[image for s in batch for image in s["images"]], padding=True,
+                           return_tensors="pt")
         with torch.no_grad():
             if method is None:
                 generated = model.generate(**inputs, **args)
-                kv, kept = [inputs["input_ids"].shape[1]] * model.config.text_config.num_hidden_layers, None
+                rows = [None] * len(batch)
             else:
                 with ivcp.prune(model, method, **params) as session:
                     generated = model.generate(**inputs, **args)
-                kv, kept = list(session.last.kv_lengths), session.last.kept.tolist()
-        text = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        out.append({"answer": text, "kv_lengths": kv, "kept": kept, "prompt_ids": inputs["input_ids"][0].tolist()})
+                rows = list(session.last)
+        texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for b, (text, row) in enumerate(zip(texts, rows)):
+            real = inputs["attention_mask"][b].bool()
+            ids = inputs["input_ids"][b][real].tolist()
+            if row is None:
+                kv, kept = [len(ids)] * layers, None
+            else:
+                kv, kept = list(row.kv_lengths), (row.kept - row.padding).tolist()
+            out.append({"answer": text, "kv_lengths": kv, "kept": kept, "prompt_ids": ids})
     return out
 
 
@@ -88,7 +101,7 @@ def vllm_answers(folder: Path, samples: list[dict], method: str | None, params: 
     record = Path(tempfile.mkdtemp()) / "kept.jsonl"
     os.environ["IVCP_VLLM_RECORD"] = str(record)
     kwargs = engine_args(method, **params) if plugin else {"enable_prefix_caching": False}
-    llm = LLM(model=str(folder), max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.05,
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.05,
               limit_mm_per_prompt={"image": 2}, max_num_seqs=16, seed=0, **kwargs)
     requests = [{"prompt": prompt_text(processor, s["expression"], len(s["images"])),
                  "multi_modal_data": {"image": s["images"] if len(s["images"]) > 1 else s["images"][0]}}
@@ -124,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=40)
-    parser.add_argument("--model-dir", type=Path, default=None, help="a servable folder (default: the tiny grounder, "
-                        "written with a real Qwen2_5_VLProcessor to a temporary folder)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a servable model folder; a missing or empty one gets "
+                        "the tiny grounder written with a real Qwen2_5_VLProcessor (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-prompt comparison here")
     args = parser.parse_args(argv)
     params = json.loads(args.params)
@@ -133,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ivcp.vllm.folder import serving_folder
 
-    folder = args.model_dir or serving_folder(Path(tempfile.mkdtemp()) / "tiny_grounder")
+    folder = args.model_dir if args.model_dir is not None and (args.model_dir / "config.json").is_file() else \
+        serving_folder(args.model_dir or Path(tempfile.mkdtemp()) / "tiny_grounder")
     samples = prompts(args.n, args.seed)
     if method is None:  # the plugin's class with pruning off against plain vLLM
         reference, _ = vllm_answers(folder, samples, None, {}, args.max_tokens, plugin=False)
