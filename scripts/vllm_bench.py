@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BLOCK = 16
+BLOCK = 32  # the CPU attention backend takes multiples of 32
 
 
 def serve(folder: str, method: str, params: dict, n: int, blocks: int, max_tokens: int, seed: int) -> dict:
@@ -37,7 +37,7 @@ def serve(folder: str, method: str, params: dict, n: int, blocks: int, max_token
     processor = AutoProcessor.from_pretrained(folder)
     kwargs = {"enable_prefix_caching": False, "enable_chunked_prefill": False} if method == "vanilla" \
         else engine_args(method, **params)
-    llm = LLM(model=folder, dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.05, block_size=BLOCK,
+    llm = LLM(model=folder, dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.05, block_size=BLOCK,
               num_gpu_blocks_override=blocks, max_num_seqs=256, max_num_batched_tokens=4096,
               limit_mm_per_prompt={"image": 2}, disable_log_stats=False, seed=0, **kwargs)
     requests = [{"prompt": prompt_text(processor, s["expression"], len(s["images"])),
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="vanilla,ivc_prune")
     parser.add_argument("--params", default="{}", help="JSON parameters of the pruning methods")
     parser.add_argument("--n", type=int, default=48)
-    parser.add_argument("--blocks", type=int, default=40, help="KV blocks of 16 tokens (the fixed KV budget)")
+    parser.add_argument("--blocks", type=int, default=40, help="KV blocks of 32 tokens (the fixed KV budget)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--model-dir", default=None)
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     params = json.loads(args.params)
-    if args.one:  # a child: one configuration, JSON on the last line
-        print(json.dumps(serve(args.model_dir, args.one, params, args.n, args.blocks, args.max_tokens, args.seed)))
+    if args.one:  # a child: one configuration, JSON on its IVCP_BENCH line
+        print("IVCP_BENCH " + json.dumps(serve(args.model_dir, args.one, params, args.n, args.blocks, args.max_tokens,
+                                               args.seed)), flush=True)
         return 0
     from ivcp.vllm.folder import serving_folder
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
             print(f"vllm_bench: {method} failed", file=sys.stderr)
             return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(json.loads([line for line in done.stdout.splitlines() if line.startswith("IVCP_BENCH ")][-1][11:]))
     base = rows[0]
     print(f"{args.n} prompts, KV budget {args.blocks} blocks x {BLOCK} tokens, {args.max_tokens} generated tokens each")
     print(f"{'method':<12}{'req/s':>8}{'tok/s':>9}{'TTFT s':>8}{'prompt':>8}{'blocks/req':>11}{'fit':>5}"
