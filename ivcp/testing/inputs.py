@@ -56,7 +56,23 @@ def make_inputs(processor, prompt: str = "Describe the picture.", images=None, v
             text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", slices, 1)
         else:
             text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge), 1)
-    data = dict(processor(text=text, images=images or None, return_tensors="pt"))
+    if not video:
+        return dict(processor(text=text, images=images or None, return_tensors="pt"))
+    # A video made here: transformers' processors refuse video tokens without their own video input, so
+    # the images are expanded and the text tokenized as the processor would (same ids and fields).
+    data: dict = {}
+    if images:
+        vision = processor.image_processor(images=images, return_tensors="pt")
+        data.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+        counts = iter([int(g.prod()) // merge for g in vision["image_grid_thw"]])
+        pieces = text.split("<|image_pad|>")
+        text = pieces[0] + "".join("<|image_pad|>" * next(counts) + piece for piece in pieces[1:])
+    ids = processor.tokenizer(text, return_tensors="pt")
+    data.update(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    types = torch.zeros_like(ids["input_ids"], dtype=torch.int32)
+    types[ids["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
+    types[ids["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+    data["mm_token_type_ids"] = types
     data.update(video)
     return data
 
