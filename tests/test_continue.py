@@ -251,6 +251,24 @@ def test_internvl_image_sizes_that_contradict_the_tokens_are_refused():
     assert len(session.records) == 1
 
 
+def test_internvl_square_sizes_are_checked_with_the_towers_tile_size():
+    """The check breaks InternVL's layout ties with the tower's own tile side (64 px on the tiny model): a
+    224 x 224 picture is 2 x 2 tiles and a thumbnail there (at 448-px tiles it would be one tile)."""
+    from ivcp.adapters.internvl import check_tile_count
+
+    model, processor = get_model("internvl")
+    inputs = make_inputs(processor, "Where is the largest shape?", images=[make_image(224, 224, seed=4)])
+    assert inputs["input_ids"].eq(model.config.image_token_id).sum() == 5 * 16  # the processor: 4 tiles + thumbnail
+    with torch.no_grad(), ivcp.prune(model, "ivc_prune") as session:
+        model(**inputs)  # refused before the tile side was taken into account
+    assert session.last.n_visual == 5 * 16
+    segments = ivcp.adapters.adapter_for(model).segments(inputs["input_ids"][0], image_sizes=inputs["image_sizes"])
+    assert {s.layout for s in segments} == {(2, 2)}
+    check_tile_count((224, 224), 5, tile_size=64)
+    with pytest.raises(ValueError, match="cannot give its 5 tiles"):
+        check_tile_count((224, 224), 5, tile_size=448)
+
+
 def test_every_prefill_is_recorded_compactly():
     import json
 

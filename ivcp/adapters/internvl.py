@@ -46,12 +46,13 @@ def tile_grid(height: int, width: int, min_tiles: int = 1, max_tiles: int = 6, t
     return best
 
 
-def check_tile_count(size: tuple[int, int], parts: int, image: int = 0) -> None:
+def check_tile_count(size: tuple[int, int], parts: int, image: int = 0, tile_size: int = 448) -> None:
     """Refuse an image size (H, W) that InternVL's tiling cannot turn into ``parts`` token tiles (the tiles,
     plus the thumbnail when there are several) under any maximum tile count: the size contradicts the
-    image's tokens, and the tiles' layout read from it would be wrong."""
+    image's tokens, and the tiles' layout read from it would be wrong. ``tile_size``: the tiles' side in
+    pixels (the tower's image size), which breaks ties between equally shaped layouts."""
     tiles = parts - 1 if parts > 1 else 1
-    if parts == 2 or not any(math.prod(tile_grid(*size, 1, most)) == tiles for most in range(tiles, 2 * tiles + 13)):
+    if parts == 2 or not any(math.prod(tile_grid(*size, 1, most, tile_size)) == tiles for most in range(tiles, 2 * tiles + 13)):
         height, width = size
         raise ValueError(f"image {image} of the prompt: its image_sizes entry {height}x{width} (height x width) cannot give its {parts} "
                          f"tiles of tokens by InternVL's tiling: the sizes do not belong to these image tokens")
@@ -118,7 +119,7 @@ class InternVLAdapter(ModelAdapter):
                 raise ValueError(f"the image tokens at {start} are not between <img> and </img>")
             layout = None
             if sizes is not None:
-                check_tile_count(sizes[source], parts, source)
+                check_tile_count(sizes[source], parts, source, self._vision_size("image_size"))
             if sizes is not None and parts > 1:
                 cols, rows = tile_grid(*sizes[source], tiles=parts - 1)
                 layout = (rows, cols)
