@@ -41,6 +41,7 @@ def random_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.bflo
     """A model of a bundled architecture with random weights, built directly on ``device``."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from . import models  # noqa: F401  (registers ivcp's own model classes with the Auto classes)
     from .config import config_file
 
     path = config_file("architectures", f"{name}.json")

@@ -26,7 +26,6 @@ import math
 import torch
 from torch import nn
 
-from ..models import deepseek_vl2 as _models  # noqa: F401  (registers the model with transformers' Auto classes)
 from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
 
 
