@@ -598,7 +598,7 @@ def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
     internvl = ["--data", "RefCOCO_val", "--models", "InternVL-Tiny", "--methods", "vanilla,ivc_prune"]
     run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    table = [line for line in run.stdout.split("lenient parse")[0].splitlines() if line.startswith("| ")]
+    table = [line for line in run.stdout.split("Acc@0.5 (lenient parse)")[0].splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "ivc_prune"]
     shares = [line.split("|")[2].strip() for line in table[1:]]
     assert shares[0] == "100%" and shares[1] != "–" and float(shares[1].rstrip("%")) < 100
