@@ -586,8 +586,8 @@ def test_per_split_is_honoured_when_the_synthetic_folder_exists(tmp_path):
 
 
 def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
-    """InternVL's script (InternVL-Tiny, vanilla and IVC-Prune) and the Qwen script for Qwen2-VL and
-    Qwen3-VL, end to end through VLMEvalKit to the tables (the trained Qwen2.5-VL grounder runs in
+    """InternVL's script (InternVL-Tiny, vanilla and IVC-Prune), the Qwen script for Qwen2-VL and
+    Qwen3-VL and DeepSeek-VL2's (its tiny random model), end to end through VLMEvalKit to the tables (the trained Qwen2.5-VL grounder runs in
     test_embedded_default_grounding_script); then the TSV is replaced under the same name and
     indices, and the work dir's answers are refused instead of reused."""
     from ivcp.eval.rundata import sha256
@@ -609,6 +609,12 @@ def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
     for model in ("Qwen2-VL-Tiny", "Qwen3-VL-Tiny"):
         assert f"Grounding, Acc@0.5 (the authors' strict metric): {model}" in run.stdout
         assert (tmp_path / f"out/results/grounding_{model}.csv").is_file()
+    run = _script("test_ivcp_deepseek_grounding.sh", ["--data", "RefCOCO_val", "--models", "DeepSeek-VL2-Tiny-Random",
+                                                      "--methods", "vanilla,ivc_prune"], {"LMUData": str(lmu)}, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.split("Acc@0.5 (lenient parse)")[0].splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["vanilla", "ivc_prune"]
+    assert (tmp_path / "out/results/grounding_DeepSeek-VL2-Tiny-Random.csv").is_file()
     make_grounding(lmu, per_split=2, seed=7, splits=("RefCOCO_val",), force=True)  # new pictures, same indices
     run = _script("test_ivcp_internvl_grounding.sh", internvl, {"LMUData": str(lmu)}, tmp_path)
     assert run.returncode == 2 and "stale outputs" in run.stderr and digest[:12] in run.stderr
