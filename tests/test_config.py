@@ -79,3 +79,14 @@ def test_method_object_is_accepted_and_nesting_is_refused():
 
 def test_available_methods_lists_the_core_methods():
     assert {"ivc_prune", "fastv", "random"} <= set(ivcp.available_methods())
+
+
+def test_pdrop_positions_per_family():
+    """PDrop renumbers positions where its own code defines it (LLaVA, 1-D RoPE) and keeps the M-RoPE ids
+    elsewhere; the harness's _PDrop entries take these family defaults."""
+    from ivcp.eval.protocol import all_run_names
+
+    assert ivcp.resolve_method(get_model("llava")[0], "pdrop").position_policy == "renumber"
+    assert ivcp.resolve_method(get_model("qwen2_5_vl")[0], "pdrop").position_policy == "keep"
+    runs = all_run_names()
+    assert "position_policy" not in runs["Qwen2.5-VL-7B-Instruct_PDrop"].method_params

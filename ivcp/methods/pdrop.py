@@ -38,7 +38,7 @@ class PDrop(PruningMethod):
 Paper: Xing et al., CVPR 2025. Code: Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py (LLaVA only).
 Stages after layers {8, 16, 24} (ivcp: K = 8, 16, 24, the first layers without the dropped tokens),
 last-instruction-token attention with layer K's norm, q/k and rotary, mean over heads.
-position_policy="renumber" (the source; the harness's _PDrop entry): positions close up after each stage and
+position_policy="renumber" (the source; LLaVA's default in configs/models/llava.toml): positions close up after each stage and
 decoding moves down by the tokens dropped so far at each layer. Default "keep": original ids (grounding).
 Deviations: round(lambda * remaining) (the source: int of a per-stage count); every image keeps its best
 token; several images ranked together. Other families: the same rule (no source code for them)."""
