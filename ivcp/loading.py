@@ -59,6 +59,21 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
     return model.to(device).eval(), AutoProcessor.from_pretrained(spec, **(processor_kwargs or {}))
 
 
+def build_converted(model_class, config, state_dict: dict, dtype: str = "auto"):
+    """``model_class(config)`` holding ``state_dict`` exactly (converted weights): built on the meta device,
+    every key checked both ways (a missing or an unexpected key is a ValueError naming the first few), then
+    the tensors assigned; cast to ``dtype`` unless "auto". The checkpoint converters' shared last step."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"the converted weights do not fit the native class: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    return model if dtype == "auto" else model.to(getattr(torch, dtype))
+
+
 def _model_type(spec: str) -> str | None:
     """``model_type`` of a local checkpoint folder's config.json (None for hub ids and other folders)."""
     import json

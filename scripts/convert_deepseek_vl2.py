@@ -77,6 +77,7 @@ def prepare_tokenizer(src: Path):
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    from ivcp.loading import build_converted
     from ivcp.models.deepseek_vl2 import DeepseekVL2ForConditionalGeneration, config_from_remote, state_dict_from_remote
     from ivcp.models.deepseek_vl2_processor import DeepseekVL2Processor
 
@@ -88,17 +89,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"the tokenizer ({len(tokenizer)} tokens with the added ones) exceeds the model's vocabulary "
                          f"({config.text_config.vocab_size})")
-    converted = state_dict_from_remote(state, config)
-    with torch.device("meta"):
-        model = DeepseekVL2ForConditionalGeneration(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
-    if missing or unexpected:
-        raise ValueError(f"the converted weights do not fit the native class: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.load_state_dict(converted, assign=True, strict=True)
-    if dtype != "auto":
-        model = model.to(getattr(torch, dtype))
+    model = build_converted(DeepseekVL2ForConditionalGeneration, config, state_dict_from_remote(state, config), dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -182,20 +182,12 @@ def read_remote(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def convert(src: str | Path, out: str | Path, image_token_id: int | None = None, dtype: str = "auto") -> Path:
     from transformers import InternVLForConditionalGeneration
 
+    from ivcp.loading import build_converted
+
     src, out = Path(src), Path(out)
     remote, state = read_remote(src)
     config = native_config(remote, image_token_id)
-    converted = convert_state_dict(state, config)
-    with torch.device("meta"):
-        model = InternVLForConditionalGeneration(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
-    if missing or unexpected:
-        raise ValueError(f"the converted weights do not fit the native class: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.load_state_dict(converted, assign=True, strict=True)
-    if dtype != "auto":
-        model = model.to(getattr(torch, dtype))
+    model = build_converted(InternVLForConditionalGeneration, config, convert_state_dict(state, config), dtype)
     model.save_pretrained(out)
     tokenizer = write_tokenizer(src, out, config.text_config.model_type)
     write_processor(remote, out, config.image_seq_length)
