@@ -299,6 +299,35 @@ class ModelAdapter:
         return frozenset(eos)
 
 
+class GlobalAttentionTower:
+    """Mixin for a ``model.model.vision_tower`` whose blocks all attend globally (CLIP, SigLIP, InternViT):
+    its blocks and their attention modules, and, for methods that contrast a local and a global block
+    (VScan), the block at the depth fraction of Qwen2.5-VL's first full-attention block (7 of 32).
+    Towers laid out otherwise override :meth:`_vision_blocks` / :meth:`_block_attention`."""
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def _vision_blocks(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def _block_attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
+    def vision_attention_module(self, block: int) -> nn.Module:
+        return self._block_attention(self._vision_blocks()[block])
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self._vision_blocks())
+
+    @property
+    def vision_local_block(self) -> int:
+        return int(7 * self.vision_depth / 32)
+
+
 def mean_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention each key receives, averaged over heads and queries: q, k (heads, n, d) → (n,).
     One head at a time, so at most n × n floats live at once."""

@@ -26,11 +26,11 @@ import math
 import torch
 from torch import nn
 
-from .base import ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
+from .base import GlobalAttentionTower, ModelAdapter, RopeSpec, Segment, mean_received, register_adapter
 
 
 @register_adapter
-class DeepseekVL2Adapter(ModelAdapter):
+class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
     family = "deepseek_vl2"
     model_types = ("deepseek_vl2",)
 
@@ -238,27 +238,7 @@ class DeepseekVL2Adapter(ModelAdapter):
         tiles = int(inputs["pixel_values"].shape[0])
         return tiles * (vit_flops(patches, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
 
-    # --- the vision tower (SigLIP) --------------------------------------------------------------
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def _vision_layers(self) -> nn.ModuleList:
-        tower = self.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    def vision_attention_module(self, block: int) -> nn.Module:
-        return self._vision_layers[block].self_attn
-
-    @property
-    def vision_depth(self) -> int:
-        return len(self._vision_layers)
-
-    @property
-    def vision_local_block(self) -> int:
-        # SigLIP attends globally in every block; take the depth Qwen2.5-VL's first full-attention block has (7 of 32)
-        return int(7 * self.vision_depth / 32)
+    # --- the vision tower (SigLIP: GlobalAttentionTower) ----------------------------------------------
 
     @torch.no_grad()
     def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ModelAdapter, Segment, mean_received, register_adapter
+from .base import GlobalAttentionTower, ModelAdapter, Segment, mean_received, register_adapter
 
 
 def tile_grid(height: int, width: int, min_tiles: int = 1, max_tiles: int = 6, tile_size: int = 448,
@@ -59,7 +59,7 @@ def check_tile_count(size: tuple[int, int], parts: int, image: int = 0, tile_siz
 
 
 @register_adapter
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(GlobalAttentionTower, ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
 
@@ -160,23 +160,12 @@ class InternVLAdapter(ModelAdapter):
         tiles = int(inputs["pixel_values"].shape[0])
         return tiles * (vit_flops(patches + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
 
-    # --- the vision tower (InternViT) ---------------------------------------------------------
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+    # --- the vision tower (InternViT: GlobalAttentionTower) -------------------------------------------
+    def _vision_blocks(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layer
 
-    def vision_attention_module(self, block: int) -> nn.Module:
-        return self.vision_tower.encoder.layer[block].attention
-
-    @property
-    def vision_depth(self) -> int:
-        return len(self.vision_tower.encoder.layer)
-
-    @property
-    def vision_local_block(self) -> int:
-        # InternViT attends globally in every block; take the depth Qwen2.5-VL's first full-attention
-        # block has (7 of 32)
-        return int(7 * self.vision_depth / 32)
+    def _block_attention(self, block: nn.Module) -> nn.Module:
+        return block.attention
 
     @torch.no_grad()
     def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:

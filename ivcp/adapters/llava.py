@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelAdapter, Segment, mean_received, register_adapter
+from .base import GlobalAttentionTower, ModelAdapter, Segment, mean_received, register_adapter
 
 
 IMAGE_SPANS = ("auto", "authors_fixed")
@@ -29,7 +29,7 @@ AUTHORS_IMAGE_START = 5  # the authors' LLaVA config: image_start_index
 
 
 @register_adapter
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(GlobalAttentionTower, ModelAdapter):
     family = "llava"
     model_types = ("llava",)
 
@@ -110,29 +110,7 @@ class LlavaAdapter(ModelAdapter):
         projector = 2 * tokens * (v.hidden_size * text_hidden + text_hidden * text_hidden)
         return images * (vit_flops(tokens + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) + projector)
 
-    # --- the vision tower (CLIP) ------------------------------------------------------------------
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def _vision_layers(self) -> nn.ModuleList:
-        tower = self.vision_tower
-        tower = getattr(tower, "vision_model", tower)
-        return tower.encoder.layers
-
-    def vision_attention_module(self, block: int) -> nn.Module:
-        return self._vision_layers[block].self_attn
-
-    @property
-    def vision_depth(self) -> int:
-        return len(self._vision_layers)
-
-    @property
-    def vision_local_block(self) -> int:
-        # CLIP attends globally in every block; take the depth Qwen2.5-VL's first full-attention block
-        # has (7 of 32)
-        return int(7 * self.vision_depth / 32)
+    # --- the vision tower (CLIP: GlobalAttentionTower) ------------------------------------------------
 
     @property
     def vision_global_block(self) -> int:
