@@ -106,34 +106,30 @@ def outputs(work_dir: str | Path, model: str, dataset: str, stats_root: str | Pa
 def readable_predictions(path: str | Path) -> bool:
     """Whether a prediction file can be read whole (a kill during VLMEvalKit's write leaves an
     ``.xlsx`` that is not a zip file, or a cut-short ``.tsv`` / ``.json``)."""
+    frame = _read_predictions(path)
+    return frame is not None and "index" in frame.columns and "prediction" in frame.columns
+
+
+def _read_predictions(path: str | Path):
+    """A prediction file (.xlsx, .tsv or .json) as a DataFrame, or None when it cannot be read."""
     import pandas as pd
 
     path = Path(path)
     try:
         if path.suffix == ".xlsx":
-            frame = pd.read_excel(path)
-        elif path.suffix == ".tsv":
-            frame = pd.read_csv(path, sep="\t")
-        else:
-            frame = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
-        return "index" in frame.columns and "prediction" in frame.columns
+            return pd.read_excel(path)
+        if path.suffix == ".tsv":
+            return pd.read_csv(path, sep="\t")
+        return pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
     except Exception:  # noqa: BLE001  (any failure to read means the same: damaged)
-        return False
+        return None
 
 
 def answered_indices(path: str | Path) -> list[str] | None:
     """The ``index`` column of a prediction file as strings (None when it cannot be read)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not readable_predictions(path):
+    frame = _read_predictions(path)
+    if frame is None or "index" not in frame.columns or "prediction" not in frame.columns:
         return None
-    if path.suffix == ".xlsx":
-        frame = pd.read_excel(path)
-    elif path.suffix == ".tsv":
-        frame = pd.read_csv(path, sep="\t")
-    else:
-        frame = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
     return [str(v) for v in frame["index"]]
 
 
