@@ -8,9 +8,10 @@ Reads ``config.json``, the safetensors shards (or ``pytorch_model.bin``), ``proc
 tokenizer; writes the native ``config.json`` + safetensors, the tokenizer with the tokens the released processor
 adds when it loads (``<｜▁pad▁｜>`` when there is no pad token, ``<image>``, ``<|ref|>``, ``<|/ref|>``, ``<|det|>``,
 ``<|/det|>``, ``<|grounding|>``, ``<|User|>``, ``<|Assistant|>``, in that order, each only if missing) and the
-processor settings (``ivcp_processor_config.json``). Load the result with
-``ivcp.models.DeepseekVL2ForConditionalGeneration.from_pretrained`` and
-``ivcp.models.deepseek_vl2_processor.DeepseekVL2Processor.from_pretrained``.
+processor (``processor_config.json``: ivcp's ``DeepseekVL2Processor`` and ``DeepseekVL2ImageProcessor``, with the chat
+template). Load the result with ``ivcp.models.DeepseekVL2ForConditionalGeneration.from_pretrained`` and
+``ivcp.models.deepseek_vl2_processor.DeepseekVL2Processor.from_pretrained`` (or, after ``import ivcp.models``, with
+``AutoModelForImageTextToText`` / ``AutoProcessor``).
 
 The key mapping (``ivcp.models.deepseek_vl2.state_dict_from_remote``): timm SigLIP → transformers' SigLIP (fused
 ``attn.qkv`` split into q, k, v; ``pos_embed`` → the position embedding; ``norm1/2`` → ``layer_norm1/2``; the
@@ -102,9 +103,9 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     vision = config.vision_config
     settings.setdefault("patch_size", vision.patch_size)
     settings.setdefault("downsample_ratio", config.downsample_ratio)
-    processor = DeepseekVL2Processor(tokenizer, tile_size=config.tile_size,
-                                     candidate_resolutions=config.candidate_resolutions,
-                                     max_tiled_images=config.max_tiled_images, **settings)
+    processor = DeepseekVL2Processor.from_settings(tokenizer, tile_size=config.tile_size,
+                                                   candidate_resolutions=config.candidate_resolutions,
+                                                   max_tiled_images=config.max_tiled_images, **settings)
     if processor.tokens_per_side != config.tokens_per_side:
         raise ValueError(f"processor_config.json's patch_size / downsample_ratio give {processor.tokens_per_side} "
                          f"tokens a tile side, the model {config.tokens_per_side}")

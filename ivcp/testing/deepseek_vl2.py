@@ -32,7 +32,9 @@ def tiny_tokenizer():
 
 
 def tiny_processor(family: str = "deepseek_vl2") -> DeepseekVL2Processor:
-    return DeepseekVL2Processor(tiny_tokenizer(), tile_size=TILE, patch_size=PATCH, downsample_ratio=2)
+    """ivcp's ``DeepseekVL2Processor`` (a ``ProcessorMixin``, PIL tiling) of 35-px tiles and 7-px patches around the
+    byte tokenizer."""
+    return DeepseekVL2Processor.from_settings(tiny_tokenizer(), tile_size=TILE, patch_size=PATCH, downsample_ratio=2)
 
 
 def tiny_config(family: str = "deepseek_vl2", **overrides: Any) -> DeepseekVL2Config:

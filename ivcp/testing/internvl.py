@@ -3,9 +3,9 @@
 
 Tiles of 64 px with 8-px patches: 8 × 8 patches, pixel shuffle → 4 × 4 = 16 tokens per tile (the real
 model: 448 px, 14-px patches, 256 tokens); up to 6 tiles + a thumbnail, InternVL's dynamic tiling.
-The processor is PIL-only (transformers' ``GotOcr2ImageProcessorPil`` + the text expansion of
-``InternVLProcessor``, which itself needs torchvision for its video half); it also returns the images'
-``image_sizes`` so the tiles' layout is known.
+The processor is ivcp's ``InternVLTilesProcessor`` (a ``ProcessorMixin``: transformers' ``InternVLProcessor``
+needs torchvision for its video half) around transformers' ``GotOcr2ImageProcessorPil``; it also returns the
+images' ``image_sizes`` so the tiles' layout is known.
 """
 
 from __future__ import annotations
@@ -34,58 +34,19 @@ def tiny_tokenizer():
     return byte_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-class TinyInternVLProcessor:
-    """InternVL's processing without torchvision: tiles by ``GotOcr2ImageProcessorPil``, each image's
-    ``<IMG_CONTEXT>`` placeholder expanded to ``<img>`` + tokens_per_tile × tiles ``<IMG_CONTEXT>`` +
-    ``</img>``; returns input_ids, attention_mask, pixel_values and image_sizes (height, width)."""
-
-    image_token = "<IMG_CONTEXT>"
-
-    def __init__(self, image_processor, tokenizer, tokens_per_tile: int):
-        self.image_processor, self.tokenizer, self.tokens_per_tile = image_processor, tokenizer, tokens_per_tile
-        self.chat_template = tokenizer.chat_template
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
-        if tokenize:
-            raise ValueError("apply_chat_template only renders text here; call the processor on it")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                                  **kwargs)
-
-    def __call__(self, text, images=None, return_tensors: str = "pt", max_patches: int | None = None, **kwargs) -> dict:
-        texts = [text] if isinstance(text, str) else list(text)
-        data: dict = {}
-        if images:
-            extra = {} if max_patches is None else {"max_patches": max_patches}
-            vision = self.image_processor(images=images, return_tensors="pt", **extra)
-            data["pixel_values"] = vision["pixel_values"]
-            data["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
-            tiles = iter(vision["num_patches"].tolist() if torch.is_tensor(vision["num_patches"]) else vision["num_patches"])
-            expanded = []
-            for t in texts:
-                pieces = t.split(self.image_token)
-                out = pieces[0]
-                for piece in pieces[1:]:
-                    out += "<img>" + "<placeholder>" * self.tokens_per_tile * next(tiles) + "</img>" + piece
-                expanded.append(out.replace("<placeholder>", self.image_token))
-            texts = expanded
-        ids = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
-        data["input_ids"], data["attention_mask"] = ids["input_ids"], ids["attention_mask"]
-        return data
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
-        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
-
-
-def tiny_processor(family: str = "internvl", max_tiles: int = MAX_TILES) -> TinyInternVLProcessor:
+def tiny_processor(family: str = "internvl", max_tiles: int = MAX_TILES):
+    """:class:`ivcp.models.internvl_processor.InternVLTilesProcessor` (a ``ProcessorMixin``) around
+    ``GotOcr2ImageProcessorPil`` (64-px tiles, 1..``max_tiles`` + a thumbnail, ImageNet mean / std, bicubic) and
+    the byte tokenizer: 16 ``<IMG_CONTEXT>`` per tile."""
     from transformers import GotOcr2ImageProcessorPil
+
+    from ..models.internvl_processor import InternVLTilesProcessor
 
     image_processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
                                                min_patches=1, max_patches=max_tiles,
                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    return TinyInternVLProcessor(image_processor, tiny_tokenizer(), (TILE // PATCH) ** 2 // 4)
+    return InternVLTilesProcessor(image_processor, tiny_tokenizer(), image_seq_length=(TILE // PATCH) ** 2 // 4,
+                                  chat_template=CHAT_TEMPLATE)
 
 
 def tiny_config(family: str = "internvl", **overrides: Any):
