@@ -46,6 +46,8 @@ def load_model(spec: str = "tiny", dtype: str | torch.dtype = "auto", device: st
         return model.to(device), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from . import models  # noqa: F401  (registers ivcp's model and processor classes with the Auto classes)
+
     if attn_implementation is None:
         flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if flash else "sdpa"

@@ -10,7 +10,9 @@ BOS first, ``add_bos_token=True``; the sentencepiece ``tokenizer.model`` becomes
 with the same BOS rule and added tokens; Qwen2: its native tokenizer, as it is), with InternVL's image
 tokens named for ``InternVLProcessor``; ``preprocessor_config.json`` / ``processor_config.json`` (448-px tiles,
 ImageNet mean / std, bicubic, 1..``max_dynamic_patch`` tiles + thumbnail, ``image_seq_length`` tokens per
-tile); and ``generation_config.json`` whose stop token is ``<|im_end|>``, as the remote ``chat()`` forces
+tile; the processor is ivcp's ``InternVLTilesProcessor``: ``AutoProcessor`` loads it after ``import ivcp.models``)
+and ``chat_template.jinja`` (the remote chat()'s format and system message); and ``generation_config.json``
+whose stop token is ``<|im_end|>``, as the remote ``chat()`` forces
 (``modeling_internvl_chat.py``: ``eos_token_id`` = the template separator's id).
 The key mapping follows the public facts of transformers' own conversion script: vision keys renamed
 (``layers`` → ``layer``, ``ls1/ls2`` → ``lambda_1/2``, ``norm1/2`` → ``layernorm_before/after``, ``attn.proj``
@@ -43,6 +45,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                 "video_token": "<video>"}
 STOP_TOKEN = "<|im_end|>"
+# the system message of the remote chat()'s internvl2_5 template (conversation.py)
+SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 VISION_RENAMES = [  # applied in order to the part after "vision_model."
     (r"^encoder\.layers\.", "encoder.layer."), (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
     (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
@@ -232,15 +236,22 @@ def write_tokenizer(src: Path, out: Path, lm_type: str):
 
 
 def write_processor(remote: dict, out: Path, image_seq_length: int) -> None:
-    """``preprocessor_config.json`` (InternVL's tiling: GotOcr2ImageProcessor) and ``processor_config.json``."""
+    """``preprocessor_config.json`` (InternVL's tiling: GotOcr2ImageProcessor), ``processor_config.json`` (ivcp's
+    ``InternVLTilesProcessor``: no torchvision, the images' sizes returned) and ``chat_template.jinja`` (the remote
+    chat()'s format with its default system message)."""
+    from ivcp.models.internvl_processor import chat_template
+
     size = int(remote["vision_config"]["image_size"])
     image = {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": True, "min_patches": 1,
              "max_patches": int(remote.get("max_dynamic_patch", 12)), "size": {"height": size, "width": size},
              "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
              "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}
     (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
-    processor = {"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}
+    processor = {"processor_class": "InternVLTilesProcessor", "image_seq_length": image_seq_length,
+                 "start_image_token": IMAGE_TOKENS["start_image_token"], "end_image_token": IMAGE_TOKENS["end_image_token"],
+                 "image_token": IMAGE_TOKENS["context_image_token"]}
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "chat_template.jinja").write_text(chat_template(SYSTEM_MESSAGE))
 
 
 def write_generation_config(out: Path, tokenizer) -> None:

@@ -200,6 +200,15 @@ class DeepseekVL2Processor(ProcessorMixin):
         return self.image_processor.tile_grid(width, height, tiled)
 
     # --- text -------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool | None = None,
+                            **kwargs):
+        """``ProcessorMixin.apply_chat_template``, ending in ``<|Assistant|>:`` by default (as the released wrapper's
+        prompts do), unless ``continue_final_message``."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not kwargs.get("continue_final_message")
+        return super().apply_chat_template(conversation, chat_template, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 

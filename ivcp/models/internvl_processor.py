@@ -23,6 +23,23 @@ TEXT_KWARGS = ("padding", "padding_side", "truncation", "max_length", "add_speci
 IMAGE_KWARGS = ("max_patches", "min_patches", "crop_to_patches")
 
 
+def chat_template(system_message: str | None = None) -> str:
+    """InternVL's chat format (the remote ``chat()``'s ``internvl2_5`` template) in Jinja: ``<|im_start|>role\\n`` ...
+    ``<|im_end|>\\n`` per turn, each image of a turn written ``<IMG_CONTEXT>\\n`` where it stands; without a system
+    turn, ``system_message`` (when given, plain text) is the system turn."""
+    default = ""
+    if system_message:
+        default = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system_message
+                   + "<|im_end|>\n{% endif %}")
+    return default + (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 def flat_images(images) -> list:
     """A flat list of images from one image, a list, or a list of lists (one per prompt, as
     ``apply_chat_template`` and the pipeline pass them)."""

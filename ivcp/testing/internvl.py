@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..models.internvl_processor import chat_template
 from .common import build_tiny
 from .tokenizer import byte_tokenizer
 
@@ -21,13 +22,7 @@ FAMILIES = ("internvl", "internvl_llama")
 TILE, PATCH, MAX_TILES = 64, 8, 6
 # <img>, </img>, <IMG_CONTEXT> in this order (consecutive ids, as in InternVL's tokenizers)
 SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = chat_template()  # InternVL's layout, no default system turn
 
 
 def tiny_tokenizer():
