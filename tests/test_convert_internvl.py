@@ -186,8 +186,9 @@ def test_converted_folder_is_complete(tmp_path):
     assert tokenizer("<|im_start|>user").input_ids[:2] == [1, sp.piece_to_id("<|im_start|>")]
     assert (tokenizer.context_image_token, tokenizer.start_image_token, tokenizer.end_image_token) == \
         ("<IMG_CONTEXT>", "<img>", "</img>")
-    assert json.loads((native / "processor_config.json").read_text()) == {"processor_class": "InternVLProcessor",
-                                                                         "image_seq_length": 16}
+    assert json.loads((native / "processor_config.json").read_text()) == {
+        "processor_class": "InternVLTilesProcessor", "image_seq_length": 16, "start_image_token": "<img>",
+        "end_image_token": "</img>", "image_token": "<IMG_CONTEXT>"}
     image_processor = GotOcr2ImageProcessorPil.from_pretrained(native)
     assert (image_processor.size.height, image_processor.crop_to_patches, image_processor.max_patches) == (64, True, 12)
     generation = GenerationConfig.from_pretrained(native)

@@ -207,21 +207,36 @@ def test_without_torchvision_the_processor_is_the_same_class_less_its_videos(tmp
     assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
 
 
-def test_ivcps_processors_need_no_torchvision():
-    """Building, saving and loading InternVL's and DeepSeek-VL2's processors imports no torchvision."""
+def test_every_processor_saves_and_loads_without_torchvision():
+    """With torchvision absent (the core install; simulated by a None entry in sys.modules, which import and
+    find_spec both honour), every family's processor builds, tokenizes the chat, saves, and loads back to identical
+    inputs: AutoProcessor for LLaVA, InternVL and DeepSeek-VL2 (PIL image processors), and for Qwen — whose stock
+    classes AutoProcessor cannot build without their video processor — the same class less its videos
+    (``ivcp.testing.qwen.image_only(cls).from_pretrained``)."""
     import subprocess
     import sys
 
     code = ("import sys, tempfile\n"
+            "sys.modules['torchvision'] = None\n"
+            "import torch, transformers\n"
             "from transformers import AutoProcessor\n"
-            "from ivcp.testing import internvl, deepseek_vl2, make_image\n"
-            "for module in (internvl, deepseek_vl2):\n"
-            "    p = module.tiny_processor(); d = tempfile.mkdtemp(); p.save_pretrained(d)\n"
-            "    q = AutoProcessor.from_pretrained(d, backend='pil')\n"
-            "    q(text=q.image_token, images=[make_image()])\n"
-            "print('torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[-1] == "False"
+            "from ivcp.testing import make_image, tiny_processor\n"
+            "from ivcp.testing.qwen import image_only\n"
+            f"classes = {CLASSES!r}\n"
+            "messages = [{'role': 'user', 'content': [{'type': 'image', 'image': make_image(224, 168, seed=5)},\n"
+            "                                         {'type': 'text', 'text': 'Where?'}]}]\n"
+            "for family, name in classes.items():\n"
+            "    p = tiny_processor(family); d = tempfile.mkdtemp(); p.save_pretrained(d)\n"
+            "    q = image_only(getattr(transformers, name)).from_pretrained(d) if family.startswith('qwen') else \\\n"
+            "        AutoProcessor.from_pretrained(d)\n"
+            "    a, b = (x.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,\n"
+            "                                  return_tensors='pt') for x in (p, q))\n"
+            "    same = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)\n"
+            "    print(family, name in [c.__name__ for c in type(q).__mro__], same, 'Pil' in type(q.image_processor).__name__\n"
+            "          or family == 'deepseek_vl2')\n"
+            "print(sys.modules['torchvision'] is None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"{family} True True True" for family in CLASSES] + ["True"]
 
 
 def test_converted_internvl_folder_loads_ivcps_processor_with_the_harness_chat(tmp_path):
@@ -234,14 +249,18 @@ def test_converted_internvl_folder_loads_ivcps_processor_with_the_harness_chat(t
     from ivcp.loading import load_model
     from ivcp.models import InternVLTilesProcessor
 
-    from test_convert_internvl import CONTEXT, _converter, remote_checkpoint
+    import sentencepiece as spm
+
+    from test_convert_internvl import _converter, remote_checkpoint
 
     remote_checkpoint(tmp_path / "remote")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "remote" / "tokenizer.model"))
+    context = sp.piece_to_id("<IMG_CONTEXT>")  # the model's image token is the tokenizer's, as in the released ones
     assert _converter().main(["--src", str(tmp_path / "remote"), "--out", str(tmp_path / "native"),
-                              "--image-token-id", str(CONTEXT)]) == 0
+                              "--image-token-id", str(context)]) == 0
     processor = AutoProcessor.from_pretrained(tmp_path / "native", backend="pil")
     assert type(processor) is InternVLTilesProcessor and processor.image_seq_length == 16
-    assert processor.image_token_id == CONTEXT
+    assert processor.image_token_id == context
     system = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
     text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert text == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n"
@@ -251,7 +270,7 @@ def test_converted_internvl_folder_loads_ivcps_processor_with_the_harness_chat(t
     _assert_same(chat, by_hand)
     assert int(chat["input_ids"][0, 0]) == processor.tokenizer.bos_token_id  # InternLM2: BOS first
     tiles = chat["pixel_values"].shape[0]
-    assert int((chat["input_ids"] == CONTEXT).sum()) == 16 * tiles and chat["image_sizes"].tolist() == [[168, 224]]
+    assert int((chat["input_ids"] == context).sum()) == 16 * tiles and chat["image_sizes"].tolist() == [[168, 224]]
     model, loaded = load_model(str(tmp_path / "native"), device="cpu", processor_kwargs={"backend": "pil"})
     assert type(loaded) is InternVLTilesProcessor
     with torch.no_grad():

@@ -41,16 +41,29 @@ def chat_template(system_message: str | None = None) -> str:
 
 
 def flat_images(images) -> list:
-    """A flat list of images from one image, a list, or a list of lists (one per prompt, as
-    ``apply_chat_template`` and the pipeline pass them)."""
+    """A flat list of PIL images from one image, a list, or a list of lists (one per prompt, as
+    ``apply_chat_template`` and the pipeline pass them); paths and URLs are loaded, arrays and tensors converted."""
+    from PIL import Image
+    from transformers.image_transforms import to_pil_image
+    from transformers.image_utils import load_image
+
     if images is None:
         return []
     if not isinstance(images, (list, tuple)):
-        return [images]
+        images = [images]
     out = []
     for item in images:
         out += list(item) if isinstance(item, (list, tuple)) else [item]
-    return [image for image in out if image is not None]
+    loaded = []
+    for image in out:
+        if image is None:
+            continue
+        if isinstance(image, str):
+            image = load_image(image)
+        elif not isinstance(image, Image.Image):
+            image = to_pil_image(image)
+        loaded.append(image)
+    return loaded
 
 
 def split_kwargs(kwargs: dict, owner: str, image_kwargs: tuple[str, ...]) -> tuple[dict, dict]:
