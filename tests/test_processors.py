@@ -43,7 +43,11 @@ def _expected_image_tokens(family: str, inputs: dict) -> int:
     if family == "llava":
         return (112 // 14) ** 2  # resized + centre-cropped to 112 px, 14-px patches
     if family == "internvl":
-        return 16 * inputs["pixel_values"].shape[0]  # 16 per 64-px tile (thumbnail included)
+        from ivcp.adapters.internvl import tile_grid
+
+        cols, rows = tile_grid(168, 224, 1, 6)  # InternVL's tiling rule (ivcp's copy), then the thumbnail
+        assert inputs["pixel_values"].shape[0] == cols * rows + 1
+        return 16 * (cols * rows + 1)  # 16 per 64-px tile
     rows, cols = inputs["image_tiles"][0].tolist()  # DeepSeek-VL2: 3 x 3 tokens a tile, newline per row, separator
     return 3 * (3 + 1) + 1 + rows * 3 * (cols * 3 + 1)
 

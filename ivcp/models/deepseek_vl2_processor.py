@@ -267,8 +267,10 @@ class DeepseekVL2Processor(ProcessorMixin):
 
 def _register() -> None:
     """``AutoProcessor`` / ``AutoImageProcessor`` know DeepSeek-VL2 (by its config class, and by the class names a
-    saved folder gives)."""
-    from transformers import AutoImageProcessor, AutoProcessor
+    saved folder gives). ``AutoImageProcessor`` comes from its module: before 5.2x, without torchvision, the name
+    ``transformers.AutoImageProcessor`` is a placeholder that needs torchvision, the class itself is not."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     AutoImageProcessor.register(DeepseekVL2Config, image_processor_classes={"pil": DeepseekVL2ImageProcessor},
                                 exist_ok=True)

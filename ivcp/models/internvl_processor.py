@@ -112,10 +112,9 @@ class InternVLTilesProcessor(ProcessorMixin):
             expanded = []
             for t in texts:
                 pieces = t.split(self.image_token)
-                out = pieces[0]
-                for piece in pieces[1:]:  # a placeholder first, so that the expansion is not split again
-                    out += self.start_image_token + "\0" * self.image_seq_length * next(tiles) + self.end_image_token + piece
-                expanded.append(out.replace("\0", self.image_token))
+                expanded.append(pieces[0] + "".join(
+                    self.start_image_token + self.image_token * self.image_seq_length * next(tiles) + self.end_image_token
+                    + piece for piece in pieces[1:]))
             texts = expanded
             data["pixel_values"] = vision["pixel_values"]
             data["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
