@@ -291,10 +291,11 @@ from test_batch import check_rows_like_alone  # noqa: E402
 from test_families import METHODS, _decode_like_the_oracle  # noqa: E402
 
 
-def test_rows_are_segments_of_one_unit_and_markup_is_kept():
-    """A 90 x 40 picture (2 x 3 tiles) and a 30 x 50 one (2 x 1): per image 3 global rows of 3 tokens, then 6
-    (resp. 6) mosaic rows of 9 (resp. 3) tokens; newlines and the separator lie outside every segment and
-    survive pruning; the rows recovered without image_tiles are the same when the count is unambiguous."""
+def test_global_view_and_tiles_are_segments_of_one_unit_and_markup_is_kept():
+    """A 90 x 40 picture (2 x 3 tiles) and a 30 x 50 one (2 x 1), 3 x 3 tokens a tile: per image the global view
+    (3 x 3, rows 4 apart: a newline after each) and each tile (3 x 3, rows cols·3 + 1 apart in the mosaic),
+    row-major; newlines and the separator lie outside every segment and survive pruning; the layouts recovered
+    without image_tiles are the same when the count is unambiguous."""
     model, processor = get_model("deepseek_vl2")
     inputs = make_inputs(processor, "Compare.", images=[make_image(90, 40), make_image(30, 50, seed=3)])
     adapter = adapter_for(model)
@@ -302,23 +303,29 @@ def test_rows_are_segments_of_one_unit_and_markup_is_kept():
     segments = adapter.segments(ids, image_sizes=inputs["image_tiles"])
     image = (ids == model.config.image_token_id).nonzero().flatten()
     first = int(image[0])
-    expected = [(first + r * 4, first + r * 4 + 3) for r in range(3)]  # global rows, newline after each
+
+    def grid(start, stride):  # a 3 x 3 tile's input indices, row-major
+        return [start + r * stride + c for r in range(3) for c in range(3)]
+
+    expected = [grid(first, 4)]  # the global view: 3 rows of 3 tokens + newline
     local = first + 12 + 1  # after 3 x 4 global positions and the separator
-    expected += [(local + r * 10, local + r * 10 + 9) for r in range(6)]  # mosaic rows of 3 tiles + newline
+    expected += [grid(local + (t // 3) * 3 * 10 + (t % 3) * 3, 10) for t in range(6)]  # mosaic rows: 9 + newline
     second = local + 6 * 10 + 1  # the template's "\n" after the first image
-    expected += [(second + r * 4, second + r * 4 + 3) for r in range(3)]
     local2 = second + 13
-    expected += [(local2 + r * 4, local2 + r * 4 + 3) for r in range(6)]
-    assert [(s.start, s.end) for s in segments] == expected
-    assert [s.source for s in segments] == [0] * 9 + [1] * 9 and [s.part for s in segments[:9]] == list(range(9))
+    expected += [grid(second, 4)] + [grid(local2 + t * 3 * 4, 4) for t in range(2)]  # 2 x 1 tiles: rows of 3 + 1
+    assert [s.indices().tolist() for s in segments] == expected
+    assert [s.n for s in segments] == [9] * 10 and all(s.end == s.indices()[-1] + 1 for s in segments)
+    assert [s.source for s in segments] == [0] * 7 + [1] * 3 and [s.part for s in segments[:7]] == list(range(7))
+    assert [s.thumbnail for s in segments] == [True] + [False] * 6 + [True, False, False]
     assert len(image) == local2 + 6 * 4 - first - 1
-    markup = sorted(set(image.tolist()) - {t for s in segments for t in range(s.start, s.end)})
+    markup = sorted(set(image.tolist()) - {t for s in segments for t in s.indices().tolist()})
     assert len(markup) == 2 * (3 + 1 + 6)
     with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.25) as session:
         model(**inputs)
     kept = set(session.last.kept.tolist())
     assert set(markup) <= kept
-    assert 0 < len([t for t in kept if any(s.start <= t < s.end for s in segments)]) < (9 + 54 + 9 + 18) // 2
+    visual = {t for s in segments for t in s.indices().tolist()}
+    assert 0 < len(kept & visual) < len(visual) // 2
     # without image_tiles: an ambiguous token count is refused (3 x 3-token tiles: 2 x 3 and 3 x 2 ... coincide);
     # with the released geometry (14 x 14 tokens a tile) every layout has its own count
     single = make_inputs(processor, "Describe.", images=[make_image(90, 40)])

@@ -6,11 +6,11 @@ DeepseekV2: multi-head latent attention, MoE); decoder layers at ``model.model.l
 
 One image's tokens (all carry the image token id): the global view's h rows of w tokens, each followed by a
 newline; the view separator; the local mosaic's rows·h rows of cols·w tokens (the tiles of a tile row side by
-side), each followed by a newline. Segments must be contiguous runs of tokens, so each *row* is a segment
-(1 × w for the global view, 1 × cols·w for the mosaic; ``part`` counts them, global rows first); the newlines
-and the separator belong to no segment: they are markup, always kept. An image's rows form one unit. (A local
-tile is not contiguous in the sequence: tiles as segments would need segments with strides.) The tiles' layout
-comes from the ``image_tiles`` input; without it, from the image's token count when that is unambiguous.
+side), each followed by a newline. Segments: the global view (part 0, ``thumbnail``, h × w with row stride
+w + 1) and each local tile (parts 1 … rows·cols, row-major, h × w with row stride cols·w + 1: its rows are
+interleaved with its neighbours' and the newline column); the newlines and the separator belong to no segment:
+they are markup, always kept. An image's segments form one unit. The tiles' layout comes from the
+``image_tiles`` input; without it, from the image's token count when that is unambiguous.
 
 DeepSeek-VL2-Tiny (``use_mla`` false) has plain multi-head attention: per-head keys and values in the cache,
 rotary over whole heads. Rotary (MLA): DeepseekV2 rotates the last ``qk_rope_head_dim`` dims of each query / key head as complex pairs, θ from
@@ -191,15 +191,14 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
         if layouts is not None and next(layouts, None) is not None:
             raise ValueError(f"image_tiles describes more images than the prompt's {len(images)}")
         for source, (start, (rows, cols)) in enumerate(images):
-            parts = side + rows * side
-            for r in range(side):
-                first = start + r * (side + 1)
-                segments.append(Segment(first, first + side, 1, side, "image", source, 0, r, parts, layout=(rows, cols)))
-            base = start + side * (side + 1) + 1
-            for r in range(rows * side):
-                first = base + r * (cols * side + 1)
-                segments.append(Segment(first, first + cols * side, 1, cols * side, "image", source, 0, side + r, parts,
-                                        layout=(rows, cols)))
+            parts = 1 + rows * cols
+            segments.append(Segment(start, start + (side - 1) * (side + 1) + side, side, side, "image", source, 0, 0,
+                                    parts, thumbnail=True, layout=(rows, cols), row_stride=side + 1))
+            base, stride = start + side * (side + 1) + 1, cols * side + 1  # the mosaic after the separator
+            for tile in range(rows * cols):
+                first = base + (tile // cols) * side * stride + (tile % cols) * side
+                segments.append(Segment(first, first + (side - 1) * stride + side, side, side, "image", source, 0,
+                                        1 + tile, parts, layout=(rows, cols), row_stride=stride))
         self._layouts = [layout for _, layout in images]
         return segments
 
@@ -243,8 +242,8 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
     @torch.no_grad()
     def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
         """SigLIP block attention received by each patch (mean over heads and queries), averaged over each 2 × 2
-        projector cell (the real patches of a padded cell), arranged as the LLM's row segments: per image its
-        global view's rows, then its mosaic's rows."""
+        projector cell (the real patches of a padded cell), per segment: each image's global view, then its tiles
+        (the tower's order)."""
         args, kwargs = attention_call["args"], attention_call["kwargs"]
         attn = attention_call["module"]
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (tiles, patches, D)
@@ -257,14 +256,7 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
             side = math.isqrt(patches.numel())
             cells = torch.nn.functional.avg_pool2d(patches.view(1, 1, side, side), ratio, ratio, ceil_mode=True)
             maps.append(cells[0, 0])  # (h, w); a padded cell averages its real patches only
-        out, cursor = [], 0
-        for _, (rows, cols) in getattr(self, "_batch_layouts", []):
-            glob, local = maps[cursor], maps[cursor + 1: cursor + 1 + rows * cols]
-            out += list(glob)
-            for tile_row in range(rows):
-                for r in range(glob.shape[0]):
-                    out.append(torch.cat([local[tile_row * cols + c][r] for c in range(cols)]))
-            cursor += 1 + rows * cols
-        if cursor != len(maps):
-            raise ValueError(f"the vision tower encoded {len(maps)} tiles, the prompt's images have {cursor}")
-        return out
+        tiles = sum(1 + rows * cols for _, (rows, cols) in getattr(self, "_batch_layouts", []))
+        if tiles != len(maps):
+            raise ValueError(f"the vision tower encoded {len(maps)} tiles, the prompt's images have {tiles}")
+        return [m.flatten() for m in maps]
