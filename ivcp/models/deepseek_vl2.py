@@ -339,6 +339,14 @@ class DeepseekVL2ForConditionalGeneration(DeepseekVL2PreTrainedModel, Generation
 
 # --- the released checkpoints (remote-code layout) --------------------------------------------------------------
 REMOTE_UNSUPPORTED = {"topk_method": ("noaux_tc",), "scoring_func": ("sigmoid",)}
+# What the released remote code (deepseek-ai/DeepSeek-VL2, deepseek_vl2/models/configuration_deepseek.py,
+# DeepseekV2Config) assumes for a language_config key that the checkpoint's config.json leaves out, where
+# transformers' DeepseekV2Config assumes something else or nothing: DeepSeek-VL2-Small's config.json gives no
+# kv_lora_rank, qk_* / v_head_dim, bos / eos or rope_scaling (docs/deepseek_vl2.md).
+REMOTE_DEFAULTS = {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                   "v_head_dim": 128, "vocab_size": 102400, "bos_token_id": 100000, "eos_token_id": 100001,
+                   "max_position_embeddings": 2048, "first_k_dense_replace": 0, "norm_topk_prob": False,
+                   "routed_scaling_factor": 1.0, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
 
 
 def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
@@ -346,6 +354,8 @@ def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
     ``projector_config``, ``language_config``, ``tile_tag``, ``global_view_pos``, ``candidate_resolutions``).
     Settings transformers' DeepseekV2 does not implement are refused with the field that asks for them."""
     vision, projector, language = (dict(remote.get(k) or {}) for k in ("vision_config", "projector_config", "language_config"))
+    language = {**REMOTE_DEFAULTS, **language}
+    language.setdefault("num_key_value_heads", language.get("num_attention_heads"))  # the remote code's fallback
     width = int(vision.get("width", 1152))
     if projector.get("projector_type", "downsample_mlp_gelu") != "downsample_mlp_gelu" or projector.get("token_pooling"):
         raise ValueError(f"projector_type {projector.get('projector_type')!r}: only downsample_mlp_gelu is supported")
