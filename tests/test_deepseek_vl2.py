@@ -401,6 +401,53 @@ def test_every_method_prunes_each_row_of_a_batch_as_alone(family, method):
     check_rows_like_alone(model, processor, rows, method)
 
 
+# --- the analytic counts -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["deepseek_vl2", "deepseek_vl2_mha"])
+def test_analytic_kv_bytes_are_what_the_cache_holds(family):
+    """transformers' DeepseekV2 caches per layer and token the normed latent (kv_lora_rank 16) and the shared rotary
+    key (8): 24 values, not K and V per head (2 · 4 · 16 = 128); the multi-head decoder (Tiny) caches K and V of its 2
+    KV heads of 16 (64). The analytic count equals the bytes of the cache, unpruned and pruned (layer by layer)."""
+    from ivcp import analytic
+    from ivcp.compat import output_cache
+
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Where?", images=[make_image(90, 40)])
+    arch = analytic.TextArch.from_config(model.config)
+    assert arch.cache_values_per_token == (16 + 8 if family == "deepseek_vl2" else 2 * 2 * 16)
+
+    def measured(cache):
+        return [int(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size())
+                for l in cache.layers]
+
+    with torch.no_grad():
+        full = measured(output_cache(model(**inputs, use_cache=True)))
+        with ivcp.prune(model, "fastv", keep_ratio=0.25) as session:  # layers 0, 1 keep every token
+            pruned = measured(output_cache(model(**inputs, use_cache=True)))
+    n = inputs["input_ids"].shape[1]
+    assert sum(full) == analytic.kv_bytes(arch, [n] * arch.layers, 4)
+    lengths = session.last.kv_lengths
+    assert len(set(lengths)) > 1 and sum(pruned) == analytic.kv_bytes(arch, lengths, 4)
+    assert pruned == [analytic.kv_bytes(arch, [c], 4) for c in lengths]
+
+
+def test_analytic_mla_flops_count_the_latent_expansion():
+    """MLA's FLOPs by hand for a toy shape (hidden 4, 2 heads, latent 3, q rank 0, nope 2, rope 1, v 2, MLP 5,
+    vocab 10): projections 2·(4·2·3 + 4·(3 + 1) + 2·2·4 + 3·4·5) = 232 a token, expansion 2·3·2·(2 + 2) = 48 an
+    entry, attention 2·2·(2 + 1 + 2) = 20 a pair; decoding re-expands every cached entry."""
+    from ivcp import analytic
+
+    toy = analytic.TextArch(hidden=4, intermediate=5, layers=1, heads=2, kv_heads=2, head_dim=3, vocab=10,
+                            kv_lora_rank=3, qk_nope_dim=2, qk_rope_dim=1, v_head_dim=2)
+    assert (toy.linear_per_token, toy.expansion_per_entry, toy.attention_per_pair) == (232, 48, 20)
+    assert analytic.llm_prefill_flops(toy, [3]) == 3 * (232 + 48) + 20 * 6 + 80
+    assert analytic.llm_decode_flops(toy, [4]) == 232 + (20 + 48) * 4 + 80
+    assert analytic.kv_bytes(toy, [5], 2) == (3 + 1) * 2 * 5
+    assert toy.weight_count == (232 + 48) // 2 + 40
+    with_q = analytic.TextArch(4, 5, 1, 2, 2, 3, 10, kv_lora_rank=3, q_lora_rank=2, qk_nope_dim=2, qk_rope_dim=1,
+                               v_head_dim=2)
+    assert with_q.linear_per_token == 232 - 2 * 4 * 2 * 3 + 2 * (4 * 2 + 2 * 2 * 3)
+
+
 # --- the benchmark ------------------------------------------------------------------------------------------------
 def test_bench_architecture_and_synthetic_inputs():
     """deepseek_vl2_small builds on the meta device with DeepSeek-VL2-Small's published 16.1 B parameters; the
@@ -419,3 +466,4 @@ def test_bench_architecture_and_synthetic_inputs():
                       new_tokens=2, log=lambda *_: None)
     rows = bench.summarise(tiny_model_, cases)
     assert [r["label"] for r in rows][:2] == ["vanilla", "ivc_prune"]
+    assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)  # MLA's latent cache, counted
