@@ -317,6 +317,11 @@ def test_global_view_and_tiles_are_segments_of_one_unit_and_markup_is_kept():
     assert [s.n for s in segments] == [9] * 10 and all(s.end == s.indices()[-1] + 1 for s in segments)
     assert [s.source for s in segments] == [0] * 7 + [1] * 3 and [s.part for s in segments[:7]] == list(range(7))
     assert [s.thumbnail for s in segments] == [True] + [False] * 6 + [True, False, False]
+    # with the originals' sizes, the global views' letterbox: 90 x 40 scaled to 35 x 15 at row 10 leaves the third
+    # row of 14-px cells (28 … 42) blank; 30 x 50 to 21 x 35 at column 7, the third column
+    sized = adapter.segments(ids, image_sizes=adapter.layout_inputs(inputs))
+    assert [s.padding_cells for s in sized if s.thumbnail] == [(6, 7, 8), (2, 5, 8)]
+    assert [s.padding_cells for s in segments] == [()] * 10
     assert len(image) == local2 + 6 * 4 - first - 1
     markup = sorted(set(image.tolist()) - {t for s in segments for t in s.indices().tolist()})
     assert len(markup) == 2 * (3 + 1 + 6)

@@ -62,7 +62,16 @@ def authors_kept(model, inputs, selection_layer, seed_ratio):
     rows_of = lambda q: (values[:, q] @ values[:, glob].transpose(-1, -2) / values.shape[-1] ** 0.5  # noqa: E731
                          ).softmax(-1).mean(0)
     text = rows_of(torch.arange(s0 + length + 1, seq))
-    cells = [i for i in range(glob.numel()) if i % (side + 1) != side]  # not the newline column
+    # not the newline column, not a cell of pure letterbox padding (their processor: the image scaled by
+    # min(S / W, S / H), sizes truncated, centred; a cell of patch · 2 px that overlaps none of it)
+    height, width_px = inputs["image_sizes"][0].tolist()
+    size, cell = model.config.tile_size, model.config.vision_config.patch_size * 2
+    scale = min(size / width_px, size / height)
+    w, h = int(width_px * scale), int(height * scale)
+    left, top = (size - w) // 2, (size - h) // 2
+    blank = {i * (side + 1) + j for i in range(side) for j in range(side)
+             if not (max(j * cell, left) < min(j * cell + cell, left + w) and max(i * cell, top) < min(i * cell + cell, top + h))}
+    cells = [i for i in range(glob.numel()) if i % (side + 1) != side and i not in blank]
     s = text.mean(0)
     seeds = [cells[i] for i in _top(s[cells], round(len(cells) * seed_ratio))]
     f = torch.cat([text, rows_of(glob[seeds])]).mean(0)
@@ -90,19 +99,20 @@ def authors_kept(model, inputs, selection_layer, seed_ratio):
     kept = set(range(s0)) | set(range(s0 + length, seq)) | {base - 1} | newlines | row_ivc | mapped
     kept |= {int(glob[i]) for i in global_ivc | foreground}
     return kept, dict(glob=glob, base=base, width=width, newlines=newlines, global_ivc=global_ivc,
-                      foreground=foreground, row_ivc=row_ivc, mapped=mapped)
+                      foreground=foreground, row_ivc=row_ivc, mapped=mapped, blank=blank)
 
 
-# pictures whose global views have no pure-padding cell (their processor drops those from the foreground ranking);
-# each case tells some of the options apart (the kept set changes without map_seeds, or with the softmax over the
-# global view's tokens only)
+# each case tells some of the options apart (the kept set changes without map_seeds, with the softmax over the
+# global view's tokens only, or with the letterbox cells competing); 80 x 50 and 90 x 40 leave the global view's
+# bottom row pure padding
 CASES = [("deepseek_vl2", (100, 70), 1), ("deepseek_vl2", (40, 60), 2), ("deepseek_vl2_mha", (40, 60), 1),
-         ("deepseek_vl2_mha", (70, 48), 1)]
+         ("deepseek_vl2_mha", (70, 48), 1), ("deepseek_vl2", (80, 50), 1), ("deepseek_vl2_mha", (90, 40), 2)]
 
 
 @pytest.mark.parametrize("family,size,seed", CASES)
 def test_the_authors_rule_keeps_what_their_code_keeps(family, size, seed, monkeypatch):
-    """2 x 3 tiles (100 x 70) and 2 x 2 (40 x 60, 70 x 48): the kept set equals the rule worked out by hand, the
+    """2 x 3 tiles (100 x 70, 80 x 50, 90 x 40) and 2 x 2 (40 x 60, 70 x 48): the kept set equals the rule worked out
+    by hand (letterbox cells out of the seeds and the foreground ranking), the
     text queries are the tokens from the second after the image on, and the counts are the rule's — every newline
     and the separator kept, per mosaic row its 15 % IVC picks, the global view at half its positions (IVC picks on
     newlines included) plus its seed. seed_ratio 0.12: one seed on the 3 x 3 view by their round(0.12 · 9) and

@@ -58,7 +58,8 @@ class Segment:
     other tokens lie between the rows (DeepSeek-VL2: a newline column after each row, and in the local
     mosaic the other tiles of the same tile row); None (every other family) = ``grid_w``, one contiguous
     run. A strided segment's ``end`` is one past its last token; :meth:`indices` and :meth:`at` give its
-    tokens' input indices."""
+    tokens' input indices. ``padding_cells``: local indices of cells that show only padding (DeepSeek-VL2's
+    letterboxed global view), when known."""
 
     start: int
     end: int
@@ -72,6 +73,7 @@ class Segment:
     thumbnail: bool = False
     layout: tuple[int, int] | None = None
     row_stride: int | None = None
+    padding_cells: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.row_stride is not None and (self.row_stride < self.grid_w or self.end != self.start + (

@@ -114,7 +114,9 @@ class IVCPrune(PruningMethod):
     ``mosaic_row_ivc_ratio`` > 0 (the tiles' IVC tokens chosen per row of the tile mosaic, this share of each
     row: DeepSeek-VL2, 0.15) instead of per tile; ``unit_budget=False`` (no budget over the image: the
     thumbnail's share, its foreground mapped onto the tiles and the tiles' IVC tokens: DeepSeek-VL2);
-    ``map_seeds=True`` (the seeds are mapped onto the tiles with the rest of the thumbnail's foreground).
+    ``map_seeds=True`` (the seeds are mapped onto the tiles with the rest of the thumbnail's foreground);
+    ``skip_padding_cells=True`` (the thumbnail's cells that show only padding, ``Segment.padding_cells``, take
+    no part in the seeds and the foreground ranking: DeepSeek-VL2's letterboxed global view).
 
     An image cut into tiles (InternVL) is one unit: IVC tokens per tile (its own positions), the
     foreground and the budget over all its tiles and its thumbnail together.
@@ -145,6 +147,7 @@ class IVCPrune(PruningMethod):
     mosaic_row_ivc_ratio: float = 0.0
     unit_budget: bool = True
     map_seeds: bool = False
+    skip_padding_cells: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.name, "ivc_mode", self.ivc_mode, IVC_MODES)
@@ -194,7 +197,7 @@ class IVCPrune(PruningMethod):
     def _positional_unit(self, ctx, segments) -> torch.Tensor:
         """Input indices of a unit's positional tokens (markup picks left out: markup is kept anyway)."""
         tiles = [s for s in segments if not s.thumbnail]
-        by_rows = self.pattern == "ivc" and self.mosaic_row_ivc_ratio > 0 and len(tiles) < len(segments)
+        by_rows = self.pattern == "ivc" and self.mosaic_row_ivc_ratio > 0 and 0 < len(tiles) < len(segments)
         if by_rows and tiles[0].layout is None:
             raise ValueError(f"{self.name}: mosaic_row_ivc_ratio needs the tiles' layout (rows, cols)")
         chosen = [self._positional(ctx, seg, segments) for seg in segments if not (by_rows and seg in tiles)]
@@ -258,29 +261,37 @@ class IVCPrune(PruningMethod):
             raise ValueError(f"{self.name}: foreground_source='thumbnail' needs the tiles' layout (rows, cols): pass "
                              "the images' sizes (image_sizes=[(height, width), ...]) with the inputs")
         thumb_tokens = thumb.indices(ctx.device)
-        seeds, f = self._foreground(ctx, [thumb], thumb_tokens, unit=segments)
-        ctx.mark("seed", thumb.at(seeds))
-        thumb_positional = torch.searchsorted(thumb_tokens, positional[torch.isin(positional, thumb_tokens)])
+        ranked_tokens = thumb_tokens  # the cells that compete for seeds and foreground
+        if self.skip_padding_cells and thumb.padding_cells:
+            blank = thumb.at(torch.tensor(thumb.padding_cells, device=ctx.device))
+            ranked_tokens = thumb_tokens[~torch.isin(thumb_tokens, blank)]
+        seeds, f = self._foreground(ctx, [thumb], ranked_tokens, unit=segments)  # local to ranked_tokens
+        seeds = ranked_tokens[seeds]
+        ctx.mark("seed", seeds)
+        ivc = positional[torch.isin(positional, thumb_tokens)]
         budget = keep_count(self.thumbnail_keep_ratio, thumb.n)
         if self.ivc_markup and self.pattern == "ivc":  # the authors' count: positions and picks with markup
             span = with_markup(thumb, segments).to(ctx.device)
             picks = ivc_among(ctx, span, self.ivc_ratio, self.ivc_mode)
             markup_picks = int((~torch.isin(picks, thumb_tokens)).sum())
             budget = keep_count(self.thumbnail_keep_ratio, span.numel()) - markup_picks
-        thumb_keep = fill_to_budget(thumb_positional, f, budget)
-        chosen = [thumb.at(thumb_keep), positional[~torch.isin(positional, thumb_tokens)], thumb.at(seeds)]
+        competing = torch.isin(ivc, ranked_tokens)
+        budget -= int((~competing).sum())  # positional tokens on padding cells count too
+        kept = fill_to_budget(torch.searchsorted(ranked_tokens, ivc[competing]), f, budget)
+        thumb_keep = torch.unique(torch.cat([ranked_tokens[kept], ivc]))
+        chosen = [thumb_keep, positional[~torch.isin(positional, thumb_tokens)], seeds]
         if tiles:
-            foreground = thumb_keep[~torch.isin(thumb_keep, thumb_positional)]
+            foreground = thumb_keep[~torch.isin(thumb_keep, ivc)]
             if self.map_seeds:
                 foreground = torch.unique(torch.cat([foreground, seeds]))
-            chosen.append(map_to_tiles(foreground, thumb, tiles))
+            chosen.append(map_to_tiles(torch.searchsorted(thumb_tokens, foreground), thumb, tiles))
         priority = torch.unique(torch.cat(chosen))
         if not self.unit_budget:
             return priority
         target = keep_count(self.keep_ratio, image.numel())
         if priority.numel() >= target:
             return priority[:target]  # ascending input index: the thumbnail, then the later tiles, lose first
-        ranked = thumb.at(top_k(f, thumb.n))
+        ranked = ranked_tokens[top_k(f, ranked_tokens.numel())]
         return torch.cat([priority, ranked[~torch.isin(ranked, priority)][: target - priority.numel()]])
 
 

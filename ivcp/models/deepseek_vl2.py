@@ -281,7 +281,9 @@ class DeepseekVL2Model(DeepseekVL2PreTrainedModel):
         return torch.cat(pieces)
 
     def forward(self, input_ids=None, pixel_values=None, image_tiles=None, attention_mask=None, position_ids=None,
-                inputs_embeds=None, **kwargs):
+                inputs_embeds=None, image_sizes=None, **kwargs):
+        """``image_sizes`` (the originals' (height, width), from the processor) is not used here: it is part of the
+        inputs so that pruning can find the global view's letterbox (``ivcp.adapters.deepseek_vl2``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -322,10 +324,10 @@ class DeepseekVL2ForConditionalGeneration(DeepseekVL2PreTrainedModel, Generation
 
     def forward(self, input_ids=None, pixel_values=None, image_tiles=None, attention_mask=None, position_ids=None,
                 inputs_embeds=None, labels=None, logits_to_keep: int | torch.Tensor = 0, image_sizes=None, **kwargs):
-        """``image_sizes`` (the processor's record of the originals' sizes) is accepted and not used."""
+        """``image_sizes`` (the processor's record of the originals' sizes) is handed to the inner model unused."""
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, image_tiles=image_tiles,
                          attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                         **kwargs)
+                         image_sizes=image_sizes, **kwargs)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
