@@ -48,7 +48,7 @@ class PrefillRecord:
     """What the engine did to one row of the last prefill. Token indices are positions in that row of
     ``input_ids`` (a left-padded batch's pad tokens count: ``padding`` of them come first)."""
 
-    segments: list[tuple[int, int]]
+    segments: list[tuple[int, int]]  # (start, end) of each segment's span
     kept: torch.Tensor  # sorted input indices seen by layers ≥ the last selection layer (the row's pads excluded)
     n_visual: int
     n_visual_kept: int
@@ -60,6 +60,7 @@ class PrefillRecord:
     selection_seconds: float = 0.0
     method: dict[str, Any] = field(default_factory=dict)
     padding: int = 0  # pad tokens of this row in the batch's input_ids
+    strides: list[tuple[int, int] | None] = field(default_factory=list)  # per segment: (grid_w, row_stride) if strided
 
     @property
     def visual_kv_share(self) -> float:
@@ -600,7 +601,7 @@ class PruneSession:
             return None
         for row, segments in enumerate(state.segments):
             for seg in segments:
-                state.visual[row, seg.start: seg.end] = True
+                state.visual[row, seg.indices(state.visual.device)] = True
         # features the decoder adds to visual tokens between layers (Qwen3-VL's deepstack): taken out of
         # the decoder's hands and added by the layer hooks, to the tokens still present
         state.additions = self.adapter.take_layer_additions(kwargs, len(self.adapter.layers))
@@ -775,7 +776,8 @@ class PruneSession:
             kept = state.layout.row(row)
             marks = {name: torch.unique(torch.cat(parts)).cpu() for name, parts in state.marks[row].items()}
             rows.append(PrefillRecord(
-                segments=[(s.start, s.end) for s in state.segments[row]], kept=kept.cpu(), n_visual=int(n_visual[row]),
+                segments=[(s.start, s.end) for s in state.segments[row]], strides=[
+                    None if s.row_stride is None else (s.grid_w, s.row_stride) for s in state.segments[row]], kept=kept.cpu(), n_visual=int(n_visual[row]),
                 n_visual_kept=int(state.visual[row, kept].sum()), kv_lengths=counts[row], seq_len=state.seq_len,
                 stages=state.stages[row], marks=marks, visual_kv_per_layer=visual[row],
                 selection_seconds=state.row_seconds[row], method=method, padding=int(padding[row])))

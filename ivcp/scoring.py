@@ -32,8 +32,12 @@ def top_covering(ranked: torch.Tensor, k: int, segments) -> torch.Tensor:
     the lowest-ranked choice of a segment that keeps several (more than ``k`` only when there are
     more segments than ``k``). For methods that rank all images' tokens together (FastV, PDrop)."""
     chosen = ranked[:k].tolist()
-    starts = torch.tensor([s.start for s in segments])
-    segment_of = lambda token: int(torch.searchsorted(starts, token, right=True)) - 1  # noqa: E731
+    if any(s.row_stride is not None for s in segments):  # interleaved tiles (DeepSeek-VL2): look each token up
+        owner = {t: i for i, s in enumerate(segments) for t in s.indices().tolist()}
+        segment_of = owner.__getitem__
+    else:
+        starts = torch.tensor([s.start for s in segments])
+        segment_of = lambda token: int(torch.searchsorted(starts, token, right=True)) - 1  # noqa: E731
     kept_per_segment: dict[int, int] = {}
     for token in chosen:
         kept_per_segment[segment_of(token)] = kept_per_segment.get(segment_of(token), 0) + 1

@@ -85,12 +85,16 @@ class SelectionContext:
         alive = self._alive
         mask = self._visual[alive]
         if segment is not None:
-            mask &= (alive >= segment.start) & (alive < segment.end)
+            mask &= torch.isin(alive, segment.indices(alive.device))
         return alive[mask]
 
     def positions(self, segment: Segment) -> torch.Tensor:
         """Rotary position ids of a segment's tokens: (3, N) for M-RoPE, (N,) for 1-D RoPE."""
-        pos = self._position_ids[:, segment.start: segment.end]
+        return self.positions_at(segment.indices(self._position_ids.device))
+
+    def positions_at(self, tokens) -> torch.Tensor:
+        """Rotary position ids of any prompt tokens (input indices): (3, T) for M-RoPE, (T,) for 1-D RoPE."""
+        pos = self._position_ids[:, torch.as_tensor(tokens, device=self._position_ids.device)]
         return pos[0] if pos.shape[0] == 1 else pos
 
     def text_queries(self, segment: Segment, offset: int = 0) -> torch.Tensor:

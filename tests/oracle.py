@@ -175,8 +175,12 @@ def vscan_embedding_updates(model, inputs, record) -> dict[int, torch.Tensor]:
     handle.remove()
     kept_after_encoder = record.stages[0]["kept"]
     updates = {}
-    for start, end in record.segments:
-        local = kept_after_encoder[(kept_after_encoder >= start) & (kept_after_encoder < end)] - start
-        merged = merge_into_kept(features["h"][0, start:end].float(), local)
-        updates.update({start + int(j): merged[i].float() for i, j in enumerate(local)})
+    for (start, end), strided in zip(record.segments, record.strides or [None] * len(record.segments)):
+        tokens = torch.arange(start, end)
+        if strided is not None:  # (grid_w, row_stride): rows of grid_w tokens, row_stride apart (DeepSeek-VL2's tiles)
+            grid_w, stride = strided
+            tokens = tokens[(tokens - start) % stride < grid_w]
+        local = torch.searchsorted(tokens, kept_after_encoder[torch.isin(kept_after_encoder, tokens)])
+        merged = merge_into_kept(features["h"][0, tokens].float(), local)
+        updates.update({int(tokens[j]): merged[i].float() for i, j in enumerate(local)})
     return updates

@@ -104,3 +104,35 @@ def test_missing_files_are_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert _converter().main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+# DeepSeek-VL2-Small's language_config as released (deepseek-ai/deepseek-vl2-small config.json, read in a public copy,
+# mlx-community/deepseek-vl2-small-8bit: its keys in order, none of kv_lora_rank, qk_* / v_head_dim, bos / eos,
+# norm_topk_prob among them); q_lora_rank's value and the keys after it were cut off in that copy: null, greedy and
+# 1 as in DeepSeek-V2-Lite, whose shape Small has (docs/deepseek_vl2.md)
+SMALL_LANGUAGE = dict(first_k_dense_replace=1, hidden_size=2048, intermediate_size=10944, lm_head=True,
+                      max_position_embeddings=4096, model_type="deepseek_v2", moe_intermediate_size=1408, n_group=1,
+                      n_routed_experts=64, n_shared_experts=2, num_attention_heads=16, num_experts_per_tok=6,
+                      num_hidden_layers=27, num_key_value_heads=16, q_lora_rank=None, topk_method="greedy", topk_group=1)
+
+
+def test_keys_the_release_leaves_out_take_the_remote_codes_defaults():
+    """Small's config.json leaves out kv_lora_rank, the head dims, bos / eos and rope_scaling: the converted config
+    takes the remote code's defaults (kv_lora_rank 512, rotary 64 of 192 dims, values 128, θ 1e4 without scaling,
+    begin / end of sentence 100000 / 100001), not transformers' (whose bos / eos are 1 / 2), and agrees with
+    configs/architectures/deepseek_vl2_small.json field by field."""
+    from ivcp.models.deepseek_vl2 import config_from_remote
+
+    config = config_from_remote({"language_config": dict(SMALL_LANGUAGE)}, image_token_id=100003)
+    text = config.text_config
+    assert (text.kv_lora_rank, text.q_lora_rank, text.qk_rope_head_dim, text.qk_nope_head_dim, text.v_head_dim) == \
+        (512, None, 64, 128, 128)
+    assert (text.bos_token_id, text.eos_token_id, text.vocab_size) == (100000, 100001, 102400)
+    assert text.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0} and config.use_mla
+    assert not text.norm_topk_prob and text.routed_scaling_factor == 1.0
+    without_heads = {k: v for k, v in SMALL_LANGUAGE.items() if k != "num_key_value_heads"}
+    assert config_from_remote({"language_config": without_heads}, 100003).text_config.num_key_value_heads == 16
+    bench = json.loads((ROOT / "configs/architectures/deepseek_vl2_small.json").read_text())
+    for key, value in bench["text_config"].items():
+        assert getattr(text, key) == value, key
+    assert bench["image_token_id"] == config.image_token_id

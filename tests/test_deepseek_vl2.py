@@ -291,10 +291,11 @@ from test_batch import check_rows_like_alone  # noqa: E402
 from test_families import METHODS, _decode_like_the_oracle  # noqa: E402
 
 
-def test_rows_are_segments_of_one_unit_and_markup_is_kept():
-    """A 90 x 40 picture (2 x 3 tiles) and a 30 x 50 one (2 x 1): per image 3 global rows of 3 tokens, then 6
-    (resp. 6) mosaic rows of 9 (resp. 3) tokens; newlines and the separator lie outside every segment and
-    survive pruning; the rows recovered without image_tiles are the same when the count is unambiguous."""
+def test_global_view_and_tiles_are_segments_of_one_unit_and_markup_is_kept():
+    """A 90 x 40 picture (2 x 3 tiles) and a 30 x 50 one (2 x 1), 3 x 3 tokens a tile: per image the global view
+    (3 x 3, rows 4 apart: a newline after each) and each tile (3 x 3, rows cols·3 + 1 apart in the mosaic),
+    row-major; newlines and the separator lie outside every segment and survive pruning; the layouts recovered
+    without image_tiles are the same when the count is unambiguous."""
     model, processor = get_model("deepseek_vl2")
     inputs = make_inputs(processor, "Compare.", images=[make_image(90, 40), make_image(30, 50, seed=3)])
     adapter = adapter_for(model)
@@ -302,23 +303,34 @@ def test_rows_are_segments_of_one_unit_and_markup_is_kept():
     segments = adapter.segments(ids, image_sizes=inputs["image_tiles"])
     image = (ids == model.config.image_token_id).nonzero().flatten()
     first = int(image[0])
-    expected = [(first + r * 4, first + r * 4 + 3) for r in range(3)]  # global rows, newline after each
+
+    def grid(start, stride):  # a 3 x 3 tile's input indices, row-major
+        return [start + r * stride + c for r in range(3) for c in range(3)]
+
+    expected = [grid(first, 4)]  # the global view: 3 rows of 3 tokens + newline
     local = first + 12 + 1  # after 3 x 4 global positions and the separator
-    expected += [(local + r * 10, local + r * 10 + 9) for r in range(6)]  # mosaic rows of 3 tiles + newline
+    expected += [grid(local + (t // 3) * 3 * 10 + (t % 3) * 3, 10) for t in range(6)]  # mosaic rows: 9 + newline
     second = local + 6 * 10 + 1  # the template's "\n" after the first image
-    expected += [(second + r * 4, second + r * 4 + 3) for r in range(3)]
     local2 = second + 13
-    expected += [(local2 + r * 4, local2 + r * 4 + 3) for r in range(6)]
-    assert [(s.start, s.end) for s in segments] == expected
-    assert [s.source for s in segments] == [0] * 9 + [1] * 9 and [s.part for s in segments[:9]] == list(range(9))
+    expected += [grid(second, 4)] + [grid(local2 + t * 3 * 4, 4) for t in range(2)]  # 2 x 1 tiles: rows of 3 + 1
+    assert [s.indices().tolist() for s in segments] == expected
+    assert [s.n for s in segments] == [9] * 10 and all(s.end == s.indices()[-1] + 1 for s in segments)
+    assert [s.source for s in segments] == [0] * 7 + [1] * 3 and [s.part for s in segments[:7]] == list(range(7))
+    assert [s.thumbnail for s in segments] == [True] + [False] * 6 + [True, False, False]
+    # with the originals' sizes, the global views' letterbox: 90 x 40 scaled to 35 x 15 at row 10 leaves the third
+    # row of 14-px cells (28 … 42) blank; 30 x 50 to 21 x 35 at column 7, the third column
+    sized = adapter.segments(ids, image_sizes=adapter.layout_inputs(inputs))
+    assert [s.padding_cells for s in sized if s.thumbnail] == [(6, 7, 8), (2, 5, 8)]
+    assert [s.padding_cells for s in segments] == [()] * 10
     assert len(image) == local2 + 6 * 4 - first - 1
-    markup = sorted(set(image.tolist()) - {t for s in segments for t in range(s.start, s.end)})
+    markup = sorted(set(image.tolist()) - {t for s in segments for t in s.indices().tolist()})
     assert len(markup) == 2 * (3 + 1 + 6)
     with torch.no_grad(), ivcp.prune(model, "ivc_prune", keep_ratio=0.25) as session:
         model(**inputs)
     kept = set(session.last.kept.tolist())
     assert set(markup) <= kept
-    assert 0 < len([t for t in kept if any(s.start <= t < s.end for s in segments)]) < (9 + 54 + 9 + 18) // 2
+    visual = {t for s in segments for t in s.indices().tolist()}
+    assert 0 < len(kept & visual) < len(visual) // 2
     # without image_tiles: an ambiguous token count is refused (3 x 3-token tiles: 2 x 3 and 3 x 2 ... coincide);
     # with the released geometry (14 x 14 tokens a tile) every layout has its own count
     single = make_inputs(processor, "Describe.", images=[make_image(90, 40)])
@@ -394,6 +406,53 @@ def test_every_method_prunes_each_row_of_a_batch_as_alone(family, method):
     check_rows_like_alone(model, processor, rows, method)
 
 
+# --- the analytic counts -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["deepseek_vl2", "deepseek_vl2_mha"])
+def test_analytic_kv_bytes_are_what_the_cache_holds(family):
+    """transformers' DeepseekV2 caches per layer and token the normed latent (kv_lora_rank 16) and the shared rotary
+    key (8): 24 values, not K and V per head (2 · 4 · 16 = 128); the multi-head decoder (Tiny) caches K and V of its 2
+    KV heads of 16 (64). The analytic count equals the bytes of the cache, unpruned and pruned (layer by layer)."""
+    from ivcp import analytic
+    from ivcp.compat import output_cache
+
+    model, processor = get_model(family)
+    inputs = make_inputs(processor, "Where?", images=[make_image(90, 40)])
+    arch = analytic.TextArch.from_config(model.config)
+    assert arch.cache_values_per_token == (16 + 8 if family == "deepseek_vl2" else 2 * 2 * 16)
+
+    def measured(cache):
+        return [int(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size())
+                for l in cache.layers]
+
+    with torch.no_grad():
+        full = measured(output_cache(model(**inputs, use_cache=True)))
+        with ivcp.prune(model, "fastv", keep_ratio=0.25) as session:  # layers 0, 1 keep every token
+            pruned = measured(output_cache(model(**inputs, use_cache=True)))
+    n = inputs["input_ids"].shape[1]
+    assert sum(full) == analytic.kv_bytes(arch, [n] * arch.layers, 4)
+    lengths = session.last.kv_lengths
+    assert len(set(lengths)) > 1 and sum(pruned) == analytic.kv_bytes(arch, lengths, 4)
+    assert pruned == [analytic.kv_bytes(arch, [c], 4) for c in lengths]
+
+
+def test_analytic_mla_flops_count_the_latent_expansion():
+    """MLA's FLOPs by hand for a toy shape (hidden 4, 2 heads, latent 3, q rank 0, nope 2, rope 1, v 2, MLP 5,
+    vocab 10): projections 2·(4·2·3 + 4·(3 + 1) + 2·2·4 + 3·4·5) = 232 a token, expansion 2·3·2·(2 + 2) = 48 an
+    entry, attention 2·2·(2 + 1 + 2) = 20 a pair; decoding re-expands every cached entry."""
+    from ivcp import analytic
+
+    toy = analytic.TextArch(hidden=4, intermediate=5, layers=1, heads=2, kv_heads=2, head_dim=3, vocab=10,
+                            kv_lora_rank=3, qk_nope_dim=2, qk_rope_dim=1, v_head_dim=2)
+    assert (toy.linear_per_token, toy.expansion_per_entry, toy.attention_per_pair) == (232, 48, 20)
+    assert analytic.llm_prefill_flops(toy, [3]) == 3 * (232 + 48) + 20 * 6 + 80
+    assert analytic.llm_decode_flops(toy, [4]) == 232 + (20 + 48) * 4 + 80
+    assert analytic.kv_bytes(toy, [5], 2) == (3 + 1) * 2 * 5
+    assert toy.weight_count == (232 + 48) // 2 + 40
+    with_q = analytic.TextArch(4, 5, 1, 2, 2, 3, 10, kv_lora_rank=3, q_lora_rank=2, qk_nope_dim=2, qk_rope_dim=1,
+                               v_head_dim=2)
+    assert with_q.linear_per_token == 232 - 2 * 4 * 2 * 3 + 2 * (4 * 2 + 2 * 2 * 3)
+
+
 # --- the benchmark ------------------------------------------------------------------------------------------------
 def test_bench_architecture_and_synthetic_inputs():
     """deepseek_vl2_small builds on the meta device with DeepSeek-VL2-Small's published 16.1 B parameters; the
@@ -412,3 +471,4 @@ def test_bench_architecture_and_synthetic_inputs():
                       new_tokens=2, log=lambda *_: None)
     rows = bench.summarise(tiny_model_, cases)
     assert [r["label"] for r in rows][:2] == ["vanilla", "ivc_prune"]
+    assert all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rows)  # MLA's latent cache, counted

@@ -52,7 +52,14 @@ class Segment:
     its merged grid (``grid_h`` × ``grid_w`` tokens, row-major). A segment is an image, one frame of a
     video, or one tile of an image cut into tiles (InternVL: ``part`` of ``parts``, the thumbnail last);
     the segments of one image or frame form a *unit* (same kind, source and frame) that methods give
-    one budget. ``layout`` = (rows, cols) of a tiled image's tiles when known."""
+    one budget. ``layout`` = (rows, cols) of a tiled image's tiles when known.
+
+    ``row_stride``: the input-sequence distance between the first tokens of consecutive grid rows, when
+    other tokens lie between the rows (DeepSeek-VL2: a newline column after each row, and in the local
+    mosaic the other tiles of the same tile row); None (every other family) = ``grid_w``, one contiguous
+    run. A strided segment's ``end`` is one past its last token; :meth:`indices` and :meth:`at` give its
+    tokens' input indices. ``padding_cells``: local indices of cells that show only padding (DeepSeek-VL2's
+    letterboxed global view), when known."""
 
     start: int
     end: int
@@ -65,10 +72,23 @@ class Segment:
     parts: int = 1
     thumbnail: bool = False
     layout: tuple[int, int] | None = None
+    row_stride: int | None = None
+    padding_cells: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.row_stride is not None and (self.row_stride < self.grid_w or self.end != self.start + (
+                self.grid_h - 1) * self.row_stride + self.grid_w):
+            raise ValueError(f"segment {self.start}:{self.end} of {self.grid_h} x {self.grid_w} tokens does not fit "
+                             f"row_stride {self.row_stride}")
+
+    @property
+    def stride(self) -> int:
+        """Input indices from one grid row's first token to the next's."""
+        return self.grid_w if self.row_stride is None else self.row_stride
 
     @property
     def n(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.row_stride is None else self.grid_h * self.grid_w
 
     @property
     def unit(self) -> tuple[str, int, int]:
@@ -76,7 +96,16 @@ class Segment:
         return (self.kind, self.source, self.frame)
 
     def indices(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return torch.arange(self.start, self.end, device=device)
+        """Input indices of the segment's tokens, row-major on its grid (ascending)."""
+        if self.row_stride is None:
+            return torch.arange(self.start, self.end, device=device)
+        return self.at(torch.arange(self.n, device=device))
+
+    def at(self, local):
+        """Input indices of local indices (0..n−1, row-major on the grid): an int or a tensor."""
+        if self.row_stride is None:
+            return self.start + local
+        return self.start + (local // self.grid_w) * self.row_stride + local % self.grid_w
 
 
 class ModelAdapter:

@@ -6,11 +6,11 @@ DeepseekV2: multi-head latent attention, MoE); decoder layers at ``model.model.l
 
 One image's tokens (all carry the image token id): the global view's h rows of w tokens, each followed by a
 newline; the view separator; the local mosaic's rows·h rows of cols·w tokens (the tiles of a tile row side by
-side), each followed by a newline. Segments must be contiguous runs of tokens, so each *row* is a segment
-(1 × w for the global view, 1 × cols·w for the mosaic; ``part`` counts them, global rows first); the newlines
-and the separator belong to no segment: they are markup, always kept. An image's rows form one unit. (A local
-tile is not contiguous in the sequence: tiles as segments would need segments with strides.) The tiles' layout
-comes from the ``image_tiles`` input; without it, from the image's token count when that is unambiguous.
+side), each followed by a newline. Segments: the global view (part 0, ``thumbnail``, h × w with row stride
+w + 1) and each local tile (parts 1 … rows·cols, row-major, h × w with row stride cols·w + 1: its rows are
+interleaved with its neighbours' and the newline column); the newlines and the separator belong to no segment:
+they are markup, always kept. An image's segments form one unit. The tiles' layout comes from the
+``image_tiles`` input; without it, from the image's token count when that is unambiguous.
 
 DeepSeek-VL2-Tiny (``use_mla`` false) has plain multi-head attention: per-head keys and values in the cache,
 rotary over whole heads. Rotary (MLA): DeepseekV2 rotates the last ``qk_rope_head_dim`` dims of each query / key head as complex pairs, θ from
@@ -126,8 +126,36 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
         return frozenset({int(self.model.config.image_token_id)})  # newline / separator positions carry it
 
     def layout_inputs(self, model_kwargs: dict):
-        """Each image's (rows, cols) of local tiles: the ``image_tiles`` input."""
-        return model_kwargs.get("image_tiles")
+        """Each image's (rows, cols) of local tiles (the ``image_tiles`` input), followed by its (height, width) when
+        the inputs have ``image_sizes`` (the global view's letterbox: ``Segment.padding_cells``)."""
+        tiles, sizes = model_kwargs.get("image_tiles"), model_kwargs.get("image_sizes")
+        if tiles is None or sizes is None:
+            return tiles
+        tiles = torch.as_tensor(tiles).view(-1, 2)
+        sizes = torch.as_tensor(sizes).view(-1, 2)
+        if sizes.shape[0] != tiles.shape[0]:
+            raise ValueError(f"image_sizes describes {sizes.shape[0]} images, image_tiles {tiles.shape[0]}")
+        return torch.cat([tiles, sizes.to(tiles.device, tiles.dtype)], 1)
+
+    @staticmethod
+    def _rows(image_sizes) -> list[tuple[int, ...]]:
+        """The images' rows of ``layout_inputs``: (rows, cols) or (rows, cols, height, width)."""
+        table = torch.as_tensor(image_sizes)
+        return [tuple(int(v) for v in g) for g in table.view(-1, table.shape[-1] if table.dim() > 1 else 2).tolist()]
+
+    def padding_cells(self, height: int, width: int) -> tuple[int, ...]:
+        """Cells of the global view that show only its letterbox padding, as the released processor (the authors'
+        copy, ``tokenize_with_images``) finds them: the image scaled by min(S / W, S / H), sizes truncated, centred
+        with floor division; a cell of (patch · downsample) px is padding when it overlaps none of the image."""
+        config = self.model.config
+        side, size = config.tokens_per_side, config.tile_size
+        cell = config.vision_config.patch_size * config.downsample_ratio
+        scale = min(size / width, size / height)
+        w, h = int(width * scale), int(height * scale)
+        left, top = (size - w) // 2, (size - h) // 2
+        return tuple(i * side + j for i in range(side) for j in range(side)
+                     if not (max(j * cell, left) < min(j * cell + cell, left + w)
+                             and max(i * cell, top) < min(i * cell + cell, top + h)))
 
     def _grids(self) -> list[tuple[int, int]]:
         size = self.model.config.tile_size
@@ -141,9 +169,9 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
                              f"(the processor's output) to tell them apart")
         return matches[0]
 
-    def _images(self, input_ids: torch.Tensor, layouts) -> list[tuple[int, tuple[int, int]]]:
-        """(start, (rows, cols)) of each image in one row, in order; ``layouts`` an iterator of the row's (rows, cols)
-        or None. Adjacent images form one run of image tokens, split by their layouts' token counts."""
+    def _images(self, input_ids: torch.Tensor, layouts) -> list[tuple[int, tuple[int, int], tuple[int, int] | None]]:
+        """(start, (rows, cols), (height, width) or None) of each image in one row, in order; ``layouts`` an iterator
+        of the row's ``layout_inputs`` rows or None. Adjacent images form one run of image tokens, split by their layouts' token counts."""
         is_image = input_ids == int(self.model.config.image_token_id)
         positions = is_image.nonzero().flatten()
         if not positions.numel():
@@ -154,28 +182,30 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
             start, remaining = int(run[0]), run.numel()
             while remaining > 0:
                 if layouts is None:
-                    layout = self._infer_layout(remaining, start)
+                    layout, size = self._infer_layout(remaining, start), None
                 else:
-                    layout = next(layouts, None)
-                    if layout is None:
+                    row = next(layouts, None)
+                    if row is None:
                         raise ValueError(f"more images in the prompt than image_tiles describes (at token {start})")
+                    layout, size = tuple(row[:2]), (tuple(row[2:4]) if len(row) >= 4 else None)
                 n = self.model.config.image_token_count(*layout)
                 if n > remaining:
                     raise ValueError(f"image_tiles {layout} needs {n} image tokens at {start}, the prompt has {remaining}")
-                images.append((start, layout))
+                images.append((start, layout, size))
                 start, remaining = start + n, remaining - n
         return images
 
     def split_visual_inputs(self, input_ids: torch.Tensor, image_grid_thw, video_grid_thw, image_sizes) -> list[tuple]:
-        """``image_sizes`` here is ``image_tiles``: the batch's images row by row."""
+        """``image_sizes`` here is ``layout_inputs``: the batch's images row by row."""
         if image_sizes is None:
             return [(None, None, None)] * input_ids.shape[0]
-        layouts = [tuple(int(v) for v in g) for g in torch.as_tensor(image_sizes).view(-1, 2).tolist()]
+        layouts = self._rows(image_sizes)
+        width = len(layouts[0]) if layouts else 2
         rows, cursor = [], 0
         for ids in input_ids:
             it = iter(layouts[cursor:])
             count = len(self._images(ids, it))
-            rows.append((None, None, torch.tensor(layouts[cursor: cursor + count]).view(-1, 2)))
+            rows.append((None, None, torch.tensor(layouts[cursor: cursor + count]).view(-1, width)))
             cursor += count
         if cursor != len(layouts):
             raise ValueError(f"image_tiles describes {len(layouts)} images, the batch's prompts hold {cursor}")
@@ -183,24 +213,23 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
 
     def segments(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
                  position_ids: torch.Tensor | None = None, image_sizes=None) -> list[Segment]:
-        layouts = None if image_sizes is None else iter(
-            tuple(int(v) for v in g) for g in torch.as_tensor(image_sizes).view(-1, 2).tolist())
+        layouts = None if image_sizes is None else iter(self._rows(image_sizes))
         side = self._side
         segments: list[Segment] = []
         images = self._images(input_ids, layouts)
         if layouts is not None and next(layouts, None) is not None:
             raise ValueError(f"image_tiles describes more images than the prompt's {len(images)}")
-        for source, (start, (rows, cols)) in enumerate(images):
-            parts = side + rows * side
-            for r in range(side):
-                first = start + r * (side + 1)
-                segments.append(Segment(first, first + side, 1, side, "image", source, 0, r, parts, layout=(rows, cols)))
-            base = start + side * (side + 1) + 1
-            for r in range(rows * side):
-                first = base + r * (cols * side + 1)
-                segments.append(Segment(first, first + cols * side, 1, cols * side, "image", source, 0, side + r, parts,
-                                        layout=(rows, cols)))
-        self._layouts = [layout for _, layout in images]
+        for source, (start, (rows, cols), size) in enumerate(images):
+            parts = 1 + rows * cols
+            segments.append(Segment(start, start + (side - 1) * (side + 1) + side, side, side, "image", source, 0, 0,
+                                    parts, thumbnail=True, layout=(rows, cols), row_stride=side + 1,
+                                    padding_cells=() if size is None else self.padding_cells(*size)))
+            base, stride = start + side * (side + 1) + 1, cols * side + 1  # the mosaic after the separator
+            for tile in range(rows * cols):
+                first = base + (tile // cols) * side * stride + (tile % cols) * side
+                segments.append(Segment(first, first + (side - 1) * stride + side, side, side, "image", source, 0,
+                                        1 + tile, parts, layout=(rows, cols), row_stride=stride))
+        self._layouts = [layout for _, layout, _ in images]
         return segments
 
     def batch_segments(self, input_ids, image_grid_thw, video_grid_thw, position_ids=None, image_sizes=None):
@@ -243,8 +272,8 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
     @torch.no_grad()
     def received_attention(self, tower_call: dict, attention_call: dict) -> list[torch.Tensor]:
         """SigLIP block attention received by each patch (mean over heads and queries), averaged over each 2 × 2
-        projector cell (the real patches of a padded cell), arranged as the LLM's row segments: per image its
-        global view's rows, then its mosaic's rows."""
+        projector cell (the real patches of a padded cell), per segment: each image's global view, then its tiles
+        (the tower's order)."""
         args, kwargs = attention_call["args"], attention_call["kwargs"]
         attn = attention_call["module"]
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (tiles, patches, D)
@@ -257,14 +286,7 @@ class DeepseekVL2Adapter(GlobalAttentionTower, ModelAdapter):
             side = math.isqrt(patches.numel())
             cells = torch.nn.functional.avg_pool2d(patches.view(1, 1, side, side), ratio, ratio, ceil_mode=True)
             maps.append(cells[0, 0])  # (h, w); a padded cell averages its real patches only
-        out, cursor = [], 0
-        for _, (rows, cols) in getattr(self, "_batch_layouts", []):
-            glob, local = maps[cursor], maps[cursor + 1: cursor + 1 + rows * cols]
-            out += list(glob)
-            for tile_row in range(rows):
-                for r in range(glob.shape[0]):
-                    out.append(torch.cat([local[tile_row * cols + c][r] for c in range(cols)]))
-            cursor += 1 + rows * cols
-        if cursor != len(maps):
-            raise ValueError(f"the vision tower encoded {len(maps)} tiles, the prompt's images have {cursor}")
-        return out
+        tiles = sum(1 + rows * cols for _, (rows, cols) in getattr(self, "_batch_layouts", []))
+        if tiles != len(maps):
+            raise ValueError(f"the vision tower encoded {len(maps)} tiles, the prompt's images have {tiles}")
+        return [m.flatten() for m in maps]

@@ -94,5 +94,5 @@ Deviations: layer K-1 runs once (the source runs it twice and duplicates its KV)
             keys = torch.nn.functional.normalize(keys.transpose(0, 1).reshape(seg.n, -1), dim=-1).cpu()
             picks = adaptive_nms(scores, keys, seg.grid_h, seg.grid_w, max(1, int(self.keep_ratio * seg.n)),
                                  self.radius, self.spatial_sigma, self.similarity_sigma)
-            kept.append(seg.start + picks.to(ctx.device))
+            kept.append(seg.at(picks.to(ctx.device)))
         return torch.cat(kept)

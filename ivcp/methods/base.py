@@ -109,7 +109,7 @@ class PruningMethod:
 
         The default runs :meth:`select_segment` on every segment (each image / video frame gets its
         own budget)."""
-        kept = [seg.start + self.select_segment(ctx, seg) for seg in ctx.segments]
+        kept = [seg.at(self.select_segment(ctx, seg)) for seg in ctx.segments]
         return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long)
 
     def select_segment(self, ctx: "SelectionContext", segment: "Segment") -> torch.Tensor:

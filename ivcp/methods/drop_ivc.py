@@ -33,7 +33,7 @@ class DropIVC(PruningMethod):
 
     def select_segment(self, ctx, segment) -> torch.Tensor:
         ivc = ivc_tokens(ctx, segment, self.ivc_ratio, self.ivc_mode)
-        ctx.mark("ivc", segment.start + ivc)
+        ctx.mark("ivc", segment.at(ivc))
         keep = torch.ones(segment.n, dtype=torch.bool, device=ctx.device)
         keep[ivc] = False
         return keep.nonzero().flatten()

@@ -62,7 +62,7 @@ class IVCUnion(PruningMethod):
 
     def select(self, ctx) -> torch.Tensor:
         present = ctx.visual_tokens()
-        ivc = torch.cat([seg.start + ivc_tokens(ctx, seg, self.ivc_ratio, self.ivc_mode) for seg in ctx.segments])
+        ivc = torch.cat([seg.at(ivc_tokens(ctx, seg, self.ivc_ratio, self.ivc_mode)) for seg in ctx.segments])
         ivc = ivc[torch.isin(ivc, present)]
         ctx.mark("ivc", ivc)
         ranked = self.base.rank(ctx)

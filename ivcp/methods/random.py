@@ -32,5 +32,5 @@ class RandomPrune(PruningMethod):
         for order, segment in enumerate(ctx.segments):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + order)
             local = torch.randperm(segment.n, generator=generator)[: keep_count(self.keep_ratio, segment.n)]
-            kept.append(segment.start + local.to(ctx.device))
+            kept.append(segment.at(local.to(ctx.device)))
         return torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=ctx.device)

@@ -190,8 +190,8 @@ image); max(1, .) so no image vanishes; position_policy="keep" on LLaVA keeps th
             tokens = seg.indices(ctx.device)
             features = ctx.hidden_states(tokens)[0].float().cpu()
             merged = merge_into_kept(features, local_kept)
-            ctx.update_hidden(seg.start + local_kept.to(ctx.device), merged[None].to(ctx.device))
-            kept.append(seg.start + local_kept.to(ctx.device))
+            ctx.update_hidden(seg.at(local_kept.to(ctx.device)), merged[None].to(ctx.device))
+            kept.append(seg.at(local_kept.to(ctx.device)))
         return torch.cat(kept)
 
     def _llm_stage(self, ctx) -> torch.Tensor:

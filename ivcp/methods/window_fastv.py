@@ -115,8 +115,8 @@ ties to the lower index."""
         by_token = dict(zip(visual.tolist(), range(visual.numel())))
         kept = []
         for seg in ctx.segments:
-            seg_scores = scores[[by_token[t] for t in range(seg.start, seg.end)]]
+            seg_scores = scores[[by_token[t] for t in seg.indices().tolist()]]
             local = window_quota_selection(seg_scores, seg.grid_h, seg.grid_w, self.keep_ratio, self.window_size,
                                            self.min_window_size, self.max_window_size)
-            kept.append(seg.start + local)
+            kept.append(seg.at(local))
         return torch.cat(kept)

@@ -281,7 +281,9 @@ class DeepseekVL2Model(DeepseekVL2PreTrainedModel):
         return torch.cat(pieces)
 
     def forward(self, input_ids=None, pixel_values=None, image_tiles=None, attention_mask=None, position_ids=None,
-                inputs_embeds=None, **kwargs):
+                inputs_embeds=None, image_sizes=None, **kwargs):
+        """``image_sizes`` (the originals' (height, width), from the processor) is not used here: it is part of the
+        inputs so that pruning can find the global view's letterbox (``ivcp.adapters.deepseek_vl2``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -322,10 +324,10 @@ class DeepseekVL2ForConditionalGeneration(DeepseekVL2PreTrainedModel, Generation
 
     def forward(self, input_ids=None, pixel_values=None, image_tiles=None, attention_mask=None, position_ids=None,
                 inputs_embeds=None, labels=None, logits_to_keep: int | torch.Tensor = 0, image_sizes=None, **kwargs):
-        """``image_sizes`` (the processor's record of the originals' sizes) is accepted and not used."""
+        """``image_sizes`` (the processor's record of the originals' sizes) is handed to the inner model unused."""
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, image_tiles=image_tiles,
                          attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                         **kwargs)
+                         image_sizes=image_sizes, **kwargs)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
@@ -339,6 +341,14 @@ class DeepseekVL2ForConditionalGeneration(DeepseekVL2PreTrainedModel, Generation
 
 # --- the released checkpoints (remote-code layout) --------------------------------------------------------------
 REMOTE_UNSUPPORTED = {"topk_method": ("noaux_tc",), "scoring_func": ("sigmoid",)}
+# What the released remote code (deepseek-ai/DeepSeek-VL2, deepseek_vl2/models/configuration_deepseek.py,
+# DeepseekV2Config) assumes for a language_config key that the checkpoint's config.json leaves out, where
+# transformers' DeepseekV2Config assumes something else or nothing: DeepSeek-VL2-Small's config.json gives no
+# kv_lora_rank, qk_* / v_head_dim, bos / eos or rope_scaling (docs/deepseek_vl2.md).
+REMOTE_DEFAULTS = {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                   "v_head_dim": 128, "vocab_size": 102400, "bos_token_id": 100000, "eos_token_id": 100001,
+                   "max_position_embeddings": 2048, "first_k_dense_replace": 0, "norm_topk_prob": False,
+                   "routed_scaling_factor": 1.0, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
 
 
 def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
@@ -346,6 +356,8 @@ def config_from_remote(remote: dict, image_token_id: int) -> DeepseekVL2Config:
     ``projector_config``, ``language_config``, ``tile_tag``, ``global_view_pos``, ``candidate_resolutions``).
     Settings transformers' DeepseekV2 does not implement are refused with the field that asks for them."""
     vision, projector, language = (dict(remote.get(k) or {}) for k in ("vision_config", "projector_config", "language_config"))
+    language = {**REMOTE_DEFAULTS, **language}
+    language.setdefault("num_key_value_heads", language.get("num_attention_heads"))  # the remote code's fallback
     width = int(vision.get("width", 1152))
     if projector.get("projector_type", "downsample_mlp_gelu") != "downsample_mlp_gelu" or projector.get("token_pooling"):
         raise ValueError(f"projector_type {projector.get('projector_type')!r}: only downsample_mlp_gelu is supported")
