@@ -631,6 +631,23 @@ def test_per_split_is_honoured_when_the_synthetic_folder_exists(tmp_path):
     assert run.returncode == 2 and "does not apply with LMUData set" in run.stderr
 
 
+def test_the_main_job_defaults_to_50_pictures_per_split_on_two_processes(tmp_path):
+    """The embedded default answers 50 pictures per split (400 per method: ± 2-3 points per method's mean) on
+    two CPU processes when neither --nproc nor NPROC says otherwise (docs/harness.md has the measured times)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PER_SPLIT", "NPROC"):
+            patch.delenv(key, raising=False)
+        run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL"], {}, tmp_path)
+    assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr  # stops after making the data
+    rows = pd.read_csv(tmp_path / "out" / "lmudata" / "RefCOCO.tsv", sep="\t")
+    assert len(rows) == 8 * 50
+    gpu = subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0
+    if not gpu and (os.cpu_count() or 1) >= 2:
+        assert "on 2 process(es)" in run.stdout
+    run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL", "--nproc", "1"], {}, tmp_path)
+    assert "on 1 process(es)" in run.stdout
+
+
 def test_every_familys_grounding_script_runs_to_its_table(tmp_path):
     """InternVL's script (InternVL-Tiny, vanilla and IVC-Prune), the Qwen script for Qwen2-VL and
     Qwen3-VL and DeepSeek-VL2's (its tiny random model), end to end through VLMEvalKit to the tables (the trained Qwen2.5-VL grounder runs in
