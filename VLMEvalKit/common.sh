@@ -63,7 +63,8 @@ launch() {  # VLMEvalKit's run with ivcp registered; torchrun when several proce
   export IVCP_STATS_DIR=${IVCP_STATS_DIR:-$WORK/vlmeval/ivcp_stats}
   # shellcheck disable=SC2086
   if [ "$NPROC" -gt 1 ]; then
-    "$PY" -m torch.distributed.run --nproc-per-node="$NPROC" "$HERE/run.py" --data $DATA --model $names \
+    # --standalone: a free port, so two runs on one machine never collide (29500 is the default)
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" "$HERE/run.py" --data $DATA --model $names \
       --work-dir "$WORK/vlmeval" "${EXTRA[@]}" || rc=$?
   else
     "$PY" "$HERE/run.py" --data $DATA --model $names --work-dir "$WORK/vlmeval" "${EXTRA[@]}" || rc=$?

@@ -321,7 +321,7 @@ def launch(plan: Plan, nproc: int) -> int:
     if not names:
         return 0
     script = str(ROOT / "VLMEvalKit" / "run.py")
-    head = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", script] if nproc > 1 \
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script] if nproc > 1 \
         else [sys.executable, script]
     command = [*head, "--data", *datasets, "--model", *names, "--work-dir", str(plan.work), "--reuse"]
     env = dict(os.environ, LMUData=str(plan.lmudata), IVCP_STATS_DIR=str(plan.work / "ivcp_stats"))
