@@ -6,6 +6,7 @@ if [ -z "${PY:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
 WORK=${IVCP_WORK_DIR:-$PWD/outputs}
+NPROC_GIVEN=${NPROC:+yes}  # set by the user (NPROC or --nproc), never changed by a script's default
 NPROC=${NPROC:-1}
 PROMPTS=${PROMPTS:-authors}
 EXTRA=()
@@ -27,7 +28,7 @@ parse_args() {  # --models "A B" --methods a,b --data "X Y" --prompts P --nproc 
       --methods) METHODS="$2"; shift 2 ;;
       --data) DATA="$2"; shift 2 ;;
       --prompts) PROMPTS="$2"; shift 2 ;;
-      --nproc) NPROC="$2"; shift 2 ;;
+      --nproc) NPROC="$2"; NPROC_GIVEN=yes; shift 2 ;;
       --per-split) PER_SPLIT="$2"; shift 2 ;;
       --) shift; EXTRA=("$@"); break ;;
       *) usage_error "unknown argument $1 (see the header of $0)" ;;
@@ -57,11 +58,13 @@ paper_label() {  # the paper's name for a model ("" when the paper has no row fo
 
 launch() {  # VLMEvalKit's run with ivcp registered; torchrun when several processes are asked for
   local names rc=0
+  echo "VLMEvalKit/run.py on $NPROC process(es)"
   names=$(model_names) || exit 2
   export IVCP_STATS_DIR=${IVCP_STATS_DIR:-$WORK/vlmeval/ivcp_stats}
   # shellcheck disable=SC2086
   if [ "$NPROC" -gt 1 ]; then
-    "$PY" -m torch.distributed.run --nproc-per-node="$NPROC" "$HERE/run.py" --data $DATA --model $names \
+    # --standalone: a free port, so two runs on one machine never collide (29500 is the default)
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" "$HERE/run.py" --data $DATA --model $names \
       --work-dir "$WORK/vlmeval" "${EXTRA[@]}" || rc=$?
   else
     "$PY" "$HERE/run.py" --data $DATA --model $names --work-dir "$WORK/vlmeval" "${EXTRA[@]}" || rc=$?

@@ -24,10 +24,13 @@ if [ -z "${LMUData:-}" ]; then
   export LMUData="$WORK/lmudata"
   echo "LMUData is not set: the embedded default (synthetic data in $LMUData, the tiny grounder)"
   # (re)made unless it holds exactly --per-split rows per split (8 splits); a work dir that answered
-  # other synthetic data is refused by run.py, never reused. 25 pictures per split (200 per method):
-  # measured 0.17 s of one core per picture, so the five methods take ~3 minutes on a CPU
-  if [ ! -f "$LMUData/RefCOCO.tsv" ] || [ "$(($(wc -l < "$LMUData/RefCOCO.tsv") - 1))" -ne "$((8 * ${PER_SPLIT:-25}))" ]; then
-    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "${PER_SPLIT:-25}" --force > /dev/null
+  # other synthetic data is refused by run.py, never reused. 50 pictures per split (400 per method, 2000 in
+  # all; docs/harness.md has the measured times), on two CPU processes (one thread each) unless --nproc says
+  # otherwise and there is no GPU
+  PER_SPLIT=${PER_SPLIT:-50}
+  if [ -z "$NPROC_GIVEN" ] && ! command -v nvidia-smi > /dev/null && [ "$(nproc)" -ge 2 ]; then NPROC=2; fi
+  if [ ! -f "$LMUData/RefCOCO.tsv" ] || [ "$(($(wc -l < "$LMUData/RefCOCO.tsv") - 1))" -ne "$((8 * PER_SPLIT))" ]; then
+    "$PY" -m ivcp data make-grounding --out "$LMUData" --per-split "$PER_SPLIT" --force > /dev/null
   fi
   MODELS=${MODELS:-Qwen2.5-VL-TinyGrounder}
   METHODS=${METHODS:-vanilla,fastv,pdrop,vscan,ivc_prune}

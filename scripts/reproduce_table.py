@@ -187,8 +187,8 @@ def _params_text(method: str | None) -> str:
     entry, _, budget = method.partition(":")
     params = dict(METHODS[entry].get("params", {}))
     if budget:
-        from ivcp.eval.protocol import BUDGETS
-        params["keep_ratio"] = round(BUDGETS["_" + budget], 4)
+        from ivcp.eval.protocol import budget_params
+        params.update({k: round(v, 4) if isinstance(v, float) else v for k, v in budget_params(entry, "_" + budget).items()})
     text = ", ".join(f"{k}={v}" for k, v in params.items())
     method_name = ivcp_method(entry) or "none (unpruned)"
     return f"{method_name}({text})" if text else method_name
@@ -249,8 +249,8 @@ def check_method(model: str, method: str) -> None:
         return
     params = method_params(entry, family)
     if budget:
-        from ivcp.eval.protocol import BUDGETS
-        params["keep_ratio"] = BUDGETS["_" + budget]
+        from ivcp.eval.protocol import budget_params
+        params.update(budget_params(entry, "_" + budget))
     try:
         ivcp.make_method(name, **params)
         if family not in testing.FAMILIES:
@@ -260,6 +260,9 @@ def check_method(model: str, method: str) -> None:
             inputs = testing.make_inputs(processor, "Where is the square?", images=[testing.make_image()])
             _FAMILY_PROBES[family] = (tiny, inputs)
         tiny, inputs = _FAMILY_PROBES[family]
+        layers = [v for v in (*params.get("stage_layers", ()), params.get("selection_layer")) if isinstance(v, int)]
+        if layers and max(layers) >= tiny.config.get_text_config().num_hidden_layers:
+            return  # layers set for the real model's depth (PDrop's budgets): the options were checked above
         with ivcp.prune(tiny, name, **params), torch.no_grad():
             tiny(**inputs)
     except (ValueError, NotImplementedError, TypeError) as error:
@@ -318,7 +321,7 @@ def launch(plan: Plan, nproc: int) -> int:
     if not names:
         return 0
     script = str(ROOT / "VLMEvalKit" / "run.py")
-    head = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", script] if nproc > 1 \
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script] if nproc > 1 \
         else [sys.executable, script]
     command = [*head, "--data", *datasets, "--model", *names, "--work-dir", str(plan.work), "--reuse"]
     env = dict(os.environ, LMUData=str(plan.lmudata), IVCP_STATS_DIR=str(plan.work / "ivcp_stats"))
@@ -560,10 +563,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"--data {', '.join(unknown)}: not a benchmark of table {spec.number} "
                              f"({', '.join(spec.benchmarks)})")
-        if args.nproc > 1:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be a positive integer, got {args.nproc}")
+        if args.nproc > 1:  # without GPUs the ranks run on the CPU over gloo (VLMEvalKit/run.py); with GPUs, one each
             import torch
-            if torch.cuda.device_count() < args.nproc:
-                raise ValueError(f"--nproc {args.nproc} needs {args.nproc} GPUs (VLMEvalKit's torchrun uses NCCL); "
+            if 0 < torch.cuda.device_count() < args.nproc:
+                raise ValueError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank); "
                                  f"this machine has {torch.cuda.device_count()}")
         models = model_plan(spec, [m.strip() for m in args.models.split(",") if m.strip()], embedded)
         plan = Plan(spec, models, embedded, data, lmudata, work).build()

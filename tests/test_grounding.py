@@ -199,3 +199,40 @@ def test_bad_arguments(tmp_path):
         make_grounding(tmp_path, per_split=0)
     with pytest.raises(ValueError, match="unknown split"):
         make_grounding(tmp_path, splits=("RefCOCO_train",))
+
+
+def test_the_table_modules_load_without_torch():
+    """The tables (scripts/collect_results.py, the main job's last step) read the grounding rules without
+    loading torch (seconds per call on a busy machine); the resize rule is still the adapter's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ivcp.eval.grounding, ivcp.eval.rundata, ivcp.eval.stats, ivcp.eval.protocol, ivcp.results; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False"]
+    from ivcp.adapters.qwen2_5_vl import smart_resize
+    from ivcp.eval.grounding import smart_resize as lazy
+
+    for size in ((480, 640), (20, 20), (5000, 300)):
+        assert lazy(*size, 28, 3136, 200704) == smart_resize(*size, 28, 3136, 200704)
+        assert lazy(*size) == smart_resize(*size)
+
+
+def test_prediction_files_are_read_once_per_version(tmp_path):
+    """rundata reads a prediction file once however often a table asks, and again once it changed."""
+    import os
+
+    import pandas as pd
+
+    from ivcp.eval import rundata
+
+    path = tmp_path / "M_RefCOCO_val.tsv"
+    pd.DataFrame({"index": [0, 1], "prediction": ["a", "b"]}).to_csv(path, sep="\t", index=False)
+    before = rundata._read_predictions_version.cache_info().misses
+    assert rundata.answered_indices(path) == ["0", "1"] and rundata.readable_predictions(path)
+    assert rundata._read_predictions_version.cache_info().misses == before + 1
+    pd.DataFrame({"index": [0, 1, 2], "prediction": ["a", "b", "c"]}).to_csv(path, sep="\t", index=False)
+    os.utime(path, ns=(1, 1))  # a new version even where the clock did not move
+    assert rundata.answered_indices(path) == ["0", "1", "2"]
+    path.write_text("")
+    assert rundata.answered_indices(path) is None and not rundata.readable_predictions(tmp_path / "missing.tsv")

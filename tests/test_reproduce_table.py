@@ -64,6 +64,22 @@ def test_the_rows_run_the_papers_settings(capsys):
         "ivc_prune(ivc_ratio=0.05)", "ivc_prune", "ivc_prune(ivc_ratio=0.2)"]
     by_row = {s["row"]: s for s in _listing(16, capsys)["settings"]}
     assert by_row["IVC-Prune | 64 (11.1%)"]["params"] == "ivc_prune(keep_ratio=0.1111)"
+    assert by_row["PDrop | 128 (22.2%)"]["method"] == "pdrop:Keep22"
+
+
+@pytest.mark.parametrize("budget,share", [("Keep33", 192 / 576), ("Keep22", 128 / 576), ("Keep11", 64 / 576)])
+def test_pdrops_budgets_keep_their_share_of_llavas_visual_kv(budget, share):
+    """PDrop has no keep ratio: its Tab. 16 rows run its stages at the budget. Counted layer by layer on
+    LLaVA-1.5-7B (32 layers; before the first stage layer every visual token, from each stage layer on
+    lambda of those left), the visual KV kept averages the budget (192 / 128 / 64 of 576)."""
+    from ivcp.eval.protocol import parse_run_name
+
+    run = parse_run_name(run_name("llava-1.5-7b-hf", f"pdrop:{budget}"))
+    assert run.method == "pdrop"
+    layers, ratios = run.method_params["stage_layers"], run.method_params["stage_ratios"]
+    kept = [math.prod(r for stage, r in zip(layers, ratios) if layer >= stage) for layer in range(32)]
+    assert sum(kept) / 32 == pytest.approx(share, abs=0.002)
+    reproduce.check_method("llava-1.5-7b-hf", f"pdrop:{budget}")  # a setting that exists: not refused
 
 
 def test_standard_error_by_hand():
@@ -108,9 +124,8 @@ def test_an_impossible_option_or_family_is_refused_before_inference(tmp_path, mo
                           (["--table", "7", "--models", "Qwen2.5-VL 7B=Qwen2.5-VL-Tiny"], "no model 'Qwen2.5-VL 7B'")):
         assert reproduce.main([*argv, "--work-dir", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err, argv
-    if not __import__("torch").cuda.is_available():
-        assert reproduce.main(["--table", "17", "--nproc", "2", "--work-dir", str(tmp_path)]) == 2
-        assert "--nproc 2 needs 2 GPUs" in capsys.readouterr().err
+    assert reproduce.main(["--table", "17", "--nproc", "0", "--work-dir", str(tmp_path)]) == 2
+    assert "--nproc must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_a_table_end_to_end_on_the_tiny_grounder_and_resumed(tmp_path, capsys):
@@ -152,3 +167,39 @@ def test_a_table_end_to_end_on_the_tiny_grounder_and_resumed(tmp_path, capsys):
     assert list(csv.DictReader(open(tmp_path / "t" / "table_17.csv", newline="", encoding="utf-8"))) == table
     assert "Infer Qwen2.5-VL-TinyGrounder" not in resumed.stdout + resumed.stderr  # nothing answered again
     assert len(before) == 6 and all(p.read_text() == text for p, text in before.items())
+
+
+def test_table17s_ivc_shares_reach_the_method_and_change_what_is_kept():
+    """Tab. 17's rows differ by ivc_ratio alone: each reaches IVC-Prune and changes the kept set. On the
+    tiny grounder's 8 x 8 grid (64 visual tokens) the IVC set is the top round(r * 64) by V united with the
+    top round(r * 64) by U: at most 6, 12, 26 tokens; the 50 % budget (32) is then filled by foreground."""
+    import random
+
+    import torch
+
+    import ivcp
+    from ivcp.data.grounding import make_sample
+    from ivcp.eval.grounding import grounding_prompt
+    from ivcp.eval.protocol import parse_run_name
+    from ivcp.testing import tiny_grounder
+
+    model, processor = tiny_grounder()
+    rows = {r: parse_run_name(run_name("Qwen2.5-VL-TinyGrounder", reproduce.TABLE17[r])) for r in ("5%", "10%", "20%")}
+    assert {r: run.method_params.get("ivc_ratio") for r, run in rows.items()} == {"5%": 0.05, "10%": None, "20%": 0.2}
+    for seed in range(3):
+        sample = make_sample(random.Random(seed))
+        messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
+                                                 {"type": "text", "text": grounding_prompt(sample["expression"])}]}]
+        inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                               return_tensors="pt")
+        kept, ivc = {}, {}
+        for r, run in rows.items():
+            with ivcp.prune(model, run.method, **run.method_params) as session, torch.no_grad():
+                model(**inputs)
+            record = session.last
+            assert record.n_visual == 64 and record.n_visual_kept == 32
+            kept[r], ivc[r] = set(record.kept.tolist()), set(record.marks["ivc"].tolist())
+        assert len(ivc["5%"]) <= 6 and len(ivc["10%"]) <= 12 and len(ivc["20%"]) <= 26
+        assert len(ivc["5%"]) < len(ivc["10%"]) < len(ivc["20%"])
+        assert all(ivc[r] <= kept[r] for r in rows)  # the IVC tokens are always kept
+        assert kept["5%"] != kept["10%"] != kept["20%"]

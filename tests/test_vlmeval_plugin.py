@@ -498,6 +498,52 @@ def test_a_resumed_run_counts_every_sample_once(lmudata, tmp_path, monkeypatch):
     assert clean["avg_tokens"].iloc[0] == pytest.approx(0.5)
 
 
+def _run_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ivcp_run_py", ROOT / "VLMEvalKit" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_models_run_on_one_thread_with_the_same_predictions(lmudata, monkeypatch):
+    """run.py puts the embedded tiny models on one CPU thread (the harness's main speed-up on a busy
+    machine), never a real checkpoint or a run whose OMP_NUM_THREADS was set; the tiny grounder's answers
+    on one thread equal its answers on two, character for character, under every method of the main job."""
+    import torch
+
+    run_py, threads = _run_py(), torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        run_py._one_thread_for_offline_models(["Qwen2.5-VL-7B-Instruct_IVCP", "Qwen2.5-VL-TinyGrounder"])
+        assert torch.get_num_threads() == 2  # a real checkpoint among the models: left alone
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        run_py._one_thread_for_offline_models(["Qwen2.5-VL-TinyGrounder_IVCP"])
+        assert torch.get_num_threads() == 2  # the user's choice
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        run_py._one_thread_for_offline_models(["Qwen2.5-VL-TinyGrounder", "Qwen2.5-VL-TinyGrounder_IVCP"])
+        assert torch.get_num_threads() == (2 if torch.cuda.is_available() else 1)
+
+        from vlmeval.dataset import build_dataset
+
+        dataset = build_dataset("RefCOCO_val")
+        answers = {}
+        for name in ("Qwen2.5-VL-TinyGrounder", "Qwen2.5-VL-TinyGrounder_FastV", "Qwen2.5-VL-TinyGrounder_PDrop",
+                     "Qwen2.5-VL-TinyGrounder_VScan", "Qwen2.5-VL-TinyGrounder_IVCP"):
+            model = _wrapper(name)
+            model.set_dump_image(dataset.dump_image)
+            for count in (2, 1):
+                torch.set_num_threads(count)
+                answers[name, count] = [model.generate(model.build_prompt(dataset.data.iloc[i], "RefCOCO_val"),
+                                                       dataset="RefCOCO_val") for i in range(6)]
+            assert answers[name, 1] == answers[name, 2], name
+        assert len({tuple(a) for a in answers.values()}) > 1  # the methods answer differently: a real comparison
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- the scripts ---------------------------------------------------------------------------------
 
 def _script(name, args, env_extra, tmp_path):
@@ -583,6 +629,23 @@ def test_per_split_is_honoured_when_the_synthetic_folder_exists(tmp_path):
     assert len(rows) == 2 * 8
     run = _script("test_ivcp_qwen_grounding.sh", ["--per-split", "2"], {"LMUData": str(tmp_path)}, tmp_path)
     assert run.returncode == 2 and "does not apply with LMUData set" in run.stderr
+
+
+def test_the_main_job_defaults_to_50_pictures_per_split_on_two_processes(tmp_path):
+    """The embedded default answers 50 pictures per split (400 per method: ± 2-3 points per method's mean) on
+    two CPU processes when neither --nproc nor NPROC says otherwise (docs/harness.md has the measured times)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PER_SPLIT", "NPROC"):
+            patch.delenv(key, raising=False)
+        run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL"], {}, tmp_path)
+    assert run.returncode == 2 and "unknown model 'Qwen9-VL'" in run.stderr  # stops after making the data
+    rows = pd.read_csv(tmp_path / "out" / "lmudata" / "RefCOCO.tsv", sep="\t")
+    assert len(rows) == 8 * 50
+    gpu = subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0
+    if not gpu and (os.cpu_count() or 1) >= 2:
+        assert "on 2 process(es)" in run.stdout
+    run = _script("test_ivcp_qwen_grounding.sh", ["--models", "Qwen9-VL", "--nproc", "1"], {}, tmp_path)
+    assert "on 1 process(es)" in run.stdout
 
 
 def test_every_familys_grounding_script_runs_to_its_table(tmp_path):

@@ -32,7 +32,15 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from ..adapters.qwen2_5_vl import smart_resize  # noqa: F401  (re-exported: the resized frame)
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen-VL's resize rule, the frame Qwen2.5-VL answers in (:func:`ivcp.adapters.qwen2_5_vl.smart_resize`,
+    imported on first use: the tables and scripts that read this module need no torch)."""
+    from ..adapters.qwen2_5_vl import smart_resize as resize
+
+    return resize(height, width, factor, min_pixels, max_pixels)
+
 
 GROUNDING_SPLITS = ("RefCOCO_testA", "RefCOCO_testB", "RefCOCO_val", "RefCOCO+_testA", "RefCOCO+_testB",
                     "RefCOCO+_val", "RefCOCOg_test", "RefCOCOg_val")

@@ -26,6 +26,8 @@ ENTRY_BY_SUFFIX: dict[str, str] = {entry["suffix"]: name for name, entry in METH
 ENTRY_BY_SUFFIX.update(_EVAL.get("suffix_aliases", {}))
 BUDGET_METHODS: tuple[str, ...] = tuple(_EVAL.get("budgets", {}).get("methods", ()))
 BUDGETS: dict[str, float] = dict(_EVAL.get("budgets", {}).get("keep_ratios", {}))  # budget suffix -> keep ratio
+# entry -> budget suffix -> its parameters, for the methods without a keep ratio (PDrop)
+BUDGET_PARAMS: dict[str, dict[str, dict]] = dict(_EVAL.get("budgets", {}).get("params", {}))
 
 
 def ivcp_method(entry: str) -> str | None:
@@ -88,6 +90,14 @@ def method_params(entry: str, family: str) -> dict:
     return params
 
 
+def budget_params(entry: str, budget: str) -> dict:
+    """The parameters that put a harness entry at a budget (``budget``: a suffix of [budgets], e.g. "_Keep33"):
+    ``keep_ratio``, or the entry's own settings in [budgets.params.<entry>] (PDrop's stages)."""
+    if entry in BUDGET_PARAMS:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in BUDGET_PARAMS[entry][budget].items()}
+    return {"keep_ratio": BUDGETS[budget]}
+
+
 def run_name(model: str, method: str = "vanilla", protocol: str = DEFAULT_PROTOCOL) -> str:
     """The VLMEvalKit model name of ``model`` run with ``method`` under a prompt ``protocol``.
     ``method`` is a harness entry (configs/eval.toml [methods]), optionally with a budget:
@@ -110,11 +120,10 @@ def all_run_names() -> dict[str, RunName]:
     names = {}
     for model in MODELS.values():
         for suffix, entry in ENTRY_BY_SUFFIX.items():
-            budgets = {"": None} | ({b: r for b, r in BUDGETS.items()} if entry in BUDGET_METHODS else {})
-            for budget, keep_ratio in budgets.items():
+            for budget in [""] + (list(BUDGETS) if entry in BUDGET_METHODS else []):
                 params = method_params(entry, model.family)
-                if keep_ratio is not None:
-                    params["keep_ratio"] = keep_ratio
+                if budget:
+                    params.update(budget_params(entry, budget))
                 for protocol, protocol_suffix in PROTOCOLS.items():
                     name = model.name + suffix + budget + protocol_suffix
                     names[name] = RunName(name, model, ivcp_method(entry), params, protocol)

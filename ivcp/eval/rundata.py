@@ -12,6 +12,7 @@ predictions answer other data than the current file as missing. No VLMEvalKit im
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -111,7 +112,18 @@ def readable_predictions(path: str | Path) -> bool:
 
 
 def _read_predictions(path: str | Path):
-    """A prediction file (.xlsx, .tsv or .json) as a DataFrame, or None when it cannot be read."""
+    """A prediction file (.xlsx, .tsv or .json) as a DataFrame, or None when it cannot be read. Read once
+    per version of the file (path, size, modification time): a table asks about each file several times."""
+    path = Path(path)
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return _read_predictions_version(str(path), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _read_predictions_version(path: str, size: int, mtime_ns: int):
     import pandas as pd
 
     path = Path(path)
