@@ -191,6 +191,37 @@ def compare(label: str, name: str, samples, reference, served, kept=None, method
     return all(same) and all(kv_same)
 
 
+def request_errors(llm, folder: Path, sample: dict) -> bool:
+    """Bad methods and parameters sent per request fail at ``generate`` with ivcp's own one-line errors,
+    and the engine serves the next request."""
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    processor = AutoProcessor.from_pretrained(folder)
+    request = {"prompt": prompt_text(processor, sample["expression"], 1), "multi_modal_data": {"image": sample["images"][-1]}}
+    cases = [({"ivcp_method": "no_such_method"}, "unknown method"),
+             ({"ivcp_method": "ivc_prune", "ivcp_params": {"keep_ratio": 2.0}}, "keep_ratio must be in"),
+             ({"ivcp_method": "ivc_prune", "ivcp_params": {"no_such_param": 1}}, "no_such_param"),
+             ({"ivcp_method": "fastv"}, "not 'fastv'"),
+             ({"ivcp_params": {"keep_ratio": 0.3}}, "ivcp_params without ivcp_method")]
+    ok = True
+    for kwargs, expected in cases:
+        try:
+            llm.generate([{**request, "mm_processor_kwargs": kwargs}], SamplingParams(max_tokens=2), use_tqdm=False)
+        except Exception as error:  # noqa: BLE001 - the message is what is checked
+            text = str(error)
+            good = expected in text and "\n" not in text.strip()
+            print(f"request error {kwargs}: {'ok' if good else 'WRONG'}: {text.strip()[:300]}")
+            ok &= good
+        else:
+            print(f"request error {kwargs}: WRONG: no error raised")
+            ok = False
+    served = llm.generate([request], SamplingParams(max_tokens=2), use_tqdm=False)
+    ok &= len(served[0].outputs[0].token_ids) > 0
+    print("ok request_errors" if ok else "request errors: DIFFERENCES (see above)")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", default="grounder", choices=["grounder", "qwen2_vl", "qwen3_vl"],
@@ -205,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--model-dir", type=Path, default=None, help="a servable model folder; a missing or empty one gets "
                         "the tiny model of --family written with a real processor (default: a temporary folder)")
+    parser.add_argument("--request-errors", action="store_true", help="also send bad methods / parameters per request "
+                        "and check ivcp's errors (multi-method runs)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-prompt comparison here")
     args = parser.parse_args(argv)
     specs = [(m, p) for m, p in json.loads(args.methods)] if args.methods else [(args.method, json.loads(args.params))]
@@ -242,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             ok &= compare(label, "ivcp HF", samples, reference, served, None if name is None else kept, method)
             dump += [{"method": label, "reference": r["answer"], "vllm": s["answer"], "kv_lengths": r["kv_lengths"],
                       "vllm_kv_length": s["kv_length"]} for r, s in zip(reference, served)]
+        if args.request_errors:
+            ok &= request_errors(llm, folder, samples[0])
+        del llm
     if args.json:
         args.json.write_text(json.dumps(dump, indent=1))
     print("parity: " + ("every answer and KV length equal" if ok else "DIFFERENCES (see above)"))
