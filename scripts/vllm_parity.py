@@ -103,7 +103,7 @@ def make_llm(folder: Path, method: str | None, params: dict, plugin: bool = True
     config = json.loads((folder / "config.json").read_text())
     kwargs = engine_args(method, architecture=config["architectures"][0], **params) if plugin else \
         {"enable_prefix_caching": False}
-    settings = dict(dtype="float32", max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.05,
+    settings = dict(dtype="float32", max_model_len=4096, enforce_eager=True, kv_cache_memory_bytes=256 * 2 ** 20,
                     limit_mm_per_prompt={"image": 2}, max_num_seqs=32, seed=0)
     settings.update(options)
     return LLM(model=str(folder), **settings, **kwargs)
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         "plugin's class against plain vLLM)")
     parser.add_argument("--params", default="{}", help="the method's parameters, JSON")
     parser.add_argument("--methods", default=None, help='several methods served by one engine, JSON: '
-                        '[["ivc_prune", {}], ["random", {"keep_ratio": 0.3}], ...] (overrides --method)')
+                        '[["ivc_prune", {}, 50], ["random", {"keep_ratio": 0.3}], ...]: name, parameters and optionally '
+                        'the number of prompts (default --n); overrides --method')
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=40)
@@ -240,17 +241,18 @@ def main(argv: list[str] | None = None) -> int:
                         "and check ivcp's errors (multi-method runs)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-prompt comparison here")
     args = parser.parse_args(argv)
-    specs = [(m, p) for m, p in json.loads(args.methods)] if args.methods else [(args.method, json.loads(args.params))]
-    specs = [(None if m in ("none", "vanilla") else m, p) for m, p in specs]
+    entries = json.loads(args.methods) if args.methods else [[args.method, json.loads(args.params)]]
+    counts = [int(e[2]) if len(e) > 2 else args.n for e in entries]
+    specs = [(None if e[0] in ("none", "vanilla") else e[0], e[1]) for e in entries]
 
     from ivcp.vllm.folder import serving_folder
 
     family = None if args.family == "grounder" else args.family
     folder = args.model_dir if args.model_dir is not None and (args.model_dir / "config.json").is_file() else \
         serving_folder(args.model_dir or Path(tempfile.mkdtemp()) / args.family, family=family)
-    samples = prompts(args.n, args.seed)
-    print(f"{args.family}: {len(samples)} prompts per method ({sum(len(s['images']) > 1 for s in samples)} with two "
-          f"pictures; sizes {', '.join(f'{w}x{h}' for w, h in SIZES)})")
+    samples = prompts(max(counts), args.seed)
+    print(f"{args.family}: {', '.join(map(str, counts))} prompts per method (every fifth with two pictures; sizes "
+          f"{', '.join(f'{w}x{h}' for w, h in SIZES)})")
     record = Path(tempfile.mkdtemp()) / "kept.jsonl"
     os.environ["IVCP_VLLM_RECORD"] = str(record)
     ok, dump = True, []
@@ -262,17 +264,20 @@ def main(argv: list[str] | None = None) -> int:
             r["kv_lengths"], r["prompt_ids"] = [r["kv_length"]], None
         ok = compare("none", "plain vLLM", samples, reference, served)
     else:
-        default, per_request = specs[0], specs[1:]
+        default = specs[0]
         llm = make_llm(folder, default[0], default[1])
-        all_samples = samples * len(specs)
-        all_specs = [None] * len(samples) + [spec for spec in per_request for _ in samples]
+        all_samples, all_specs, slices = [], [], []
+        for k, (spec, n) in enumerate(zip(specs, counts)):  # the first method is the model's: sent without kwargs
+            slices.append(slice(len(all_samples), len(all_samples) + n))
+            all_samples += samples[:n]
+            all_specs += [None if k == 0 else spec] * n
         served_all, kept = vllm_answers(llm, folder, all_samples, all_specs, args.max_tokens, record)
-        for k, (name, params) in enumerate(specs):
+        for (name, params), n, part in zip(specs, counts, slices):
             label = "none" if name is None else f"{name} {json.dumps(params)}"
-            reference = hf_answers(folder, samples, name, params, args.max_tokens)
-            served = served_all[k * len(samples): (k + 1) * len(samples)]
+            reference = hf_answers(folder, samples[:n], name, params, args.max_tokens)
+            served = served_all[part]
             method = None if name is None else method_repr(folder, name, params)
-            ok &= compare(label, "ivcp HF", samples, reference, served, None if name is None else kept, method)
+            ok &= compare(label, "ivcp HF", samples[:n], reference, served, None if name is None else kept, method)
             dump += [{"method": label, "reference": r["answer"], "vllm": s["answer"], "kv_lengths": r["kv_lengths"],
                       "vllm_kv_length": s["kv_length"]} for r, s in zip(reference, served)]
         if args.request_errors:
