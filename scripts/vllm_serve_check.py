@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import SamplingParams
 
     from ivcp.vllm.folder import serving_folder
-    from vllm_parity import allowed_tokens, make_llm, prompt_text, prompts
+    from ivcp.vllm.prompts import allowed_tokens, prompt_text, prompts
+    from vllm_parity import make_llm
 
     folder = args.model_dir if args.model_dir is not None and (args.model_dir / "config.json").is_file() else \
         serving_folder(args.model_dir or Path(tempfile.mkdtemp()) / "grounder")
@@ -87,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # offline: vllm.LLM with the same settings
     llm = make_llm(folder, method, params)
-    offline = llm.generate([{"prompt": prompt_text(processor, s["expression"], 1), "multi_modal_data": {"image": s["image"]}}
-                            for s in samples], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+    # every second prompt names its method per request (mm_processor_kwargs), offline and on the server
+    per_request = [None if i % 2 == 0 else {"ivcp_method": "random", "ivcp_params": {"keep_ratio": 0.3}}
+                   for i in range(len(samples))]
+    offline = llm.generate([{"prompt": prompt_text(processor, s["expression"], 1), "multi_modal_data": {"image": s["image"]},
+                             **({"mm_processor_kwargs": k} if k else {})}
+                            for s, k in zip(samples, per_request)], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                                allowed_token_ids=allowed), use_tqdm=False)
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -119,14 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server up after {time.time() - started:.0f} s", flush=True)
         from ivcp.eval.grounding import grounding_prompt
 
-        for i, (sample, local) in enumerate(zip(samples, offline)):
-            body = {"model": str(folder), "temperature": 0.0, "max_tokens": args.max_tokens,
-                    "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(sample["image"])}},
-                        {"type": "text", "text": grounding_prompt(sample["expression"])}]}]}
+        def body(sample, kwargs):
+            out = {"model": str(folder), "temperature": 0.0, "max_tokens": args.max_tokens,
+                   "messages": [{"role": "user", "content": [
+                       {"type": "image_url", "image_url": {"url": data_url(sample["image"])}},
+                       {"type": "text", "text": grounding_prompt(sample["expression"])}]}]}
             if allowed is not None:
-                body["allowed_token_ids"] = allowed
-            reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300)
+                out["allowed_token_ids"] = allowed
+            if kwargs:
+                out["mm_processor_kwargs"] = kwargs
+            return out
+
+        bad = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300,
+                            json=body(samples[0], {"ivcp_method": "no_such_method"}))
+        refused = 400 <= bad.status_code < 500 and "unknown method 'no_such_method'" in bad.text
+        ok &= refused
+        print(f"bad method: {'ok' if refused else 'WRONG'}: HTTP {bad.status_code} {bad.text[:200]}")
+        for i, (sample, local, kwargs) in enumerate(zip(samples, offline, per_request)):
+            reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body(sample, kwargs), timeout=300)
             if reply.status_code != 200:
                 print(f"prompt {i}: HTTP {reply.status_code}: {reply.text[:500]}")
                 ok = False
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             answer, prompt_tokens = data["choices"][0]["message"]["content"], data["usage"]["prompt_tokens"]
             same = answer == local.outputs[0].text and prompt_tokens == len(local.prompt_token_ids)
             ok &= same
-            print(f"prompt {i}: {'same' if same else 'DIFFERENT'}: server {answer!r} ({prompt_tokens} prompt tokens), "
+            print(f"prompt {i} ({(kwargs or {}).get('ivcp_method', 'the model method')}): "
+                  f"{'same' if same else 'DIFFERENT'}: server {answer!r} ({prompt_tokens} prompt tokens), "
                   f"offline {local.outputs[0].text!r} ({len(local.prompt_token_ids)})")
     finally:
         if server.poll() is None:
