@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # the parity runs: (section, vllm_parity.py arguments). The first method of each run is the model's
 # (engine_args), the others come per request (mm_processor_kwargs), all in one batch.
-PATTERNS = [["ivc_prune", {"pattern": p}, 10] for p in ("corners", "window", "diagonal", "random")]
+PATTERNS = [["ivc_prune", {"pattern": p}, 5] for p in ("corners", "window", "diagonal", "random")]
 RUNS = {
     "grounder": ["--methods", json.dumps([["ivc_prune", {}, 50], ["random", {"keep_ratio": 0.3}, 10], *PATTERNS,
-                                          ["ivc_prune", {"pattern": "window", "use_foreground": False}, 10],
+                                          ["ivc_prune", {"pattern": "window", "use_foreground": False}, 5],
                                           ["none", {}, 10]]), "--request-errors"],
     "qwen2_vl": ["--family", "qwen2_vl", "--methods", json.dumps([["ivc_prune", {}, 10], ["random", {"keep_ratio": 0.3}, 5],
                                                                   ["none", {}, 5]])],
