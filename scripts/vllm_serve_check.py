@@ -55,7 +55,8 @@ def serve_command(folder: Path, method: str | None, params: dict, port: int) -> 
     overrides = engine_args(method, architecture=config["architectures"][0], **params)["hf_overrides"]
     return [*server_program(), str(folder), "--port", str(port),
             "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--hf-overrides", json.dumps(overrides),
-            "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--kv-cache-memory-bytes",
+            "--trust-request-mm-kwargs", "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+            "--kv-cache-memory-bytes",
             str(256 * 2 ** 20), "--limit-mm-per-prompt", json.dumps({"image": 2}), "--seed", "0"]
 
 
