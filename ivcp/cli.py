@@ -313,7 +313,9 @@ def _ratios(text: str) -> list[float]:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Efficiency benchmark (see ivcp/bench.py)."""
+    """Efficiency benchmark (see ivcp/bench.py; ``--engine vllm``: ivcp/vllm/bench.py)."""
+    if args.engine == "vllm":
+        return bench_vllm(args)
     import torch
 
     from ivcp import bench as b
@@ -354,6 +356,23 @@ def bench(args: argparse.Namespace) -> int:
     paths = b.write(report, args.out)
     print(b.markdown(report))
     print("\n".join(f"wrote {path}" for path in paths.values()))
+    return 0
+
+
+def bench_vllm(args: argparse.Namespace) -> int:
+    """``ivcp bench --engine vllm``: vanilla vs pruned vLLM on the same prompts at a fixed KV budget."""
+    from ivcp.vllm import bench as vb
+
+    methods = ["vanilla", "ivc_prune"] if args.methods == _names("vanilla,fastv,pdrop,ivc_prune") else list(args.methods)
+    params = {"keep_ratio": args.keep_ratios[0]} if args.keep_ratios else {}
+    if args.keep_ratios and len(args.keep_ratios) > 1:
+        raise CommandError("--engine vllm takes one --keep-ratios value")
+    out = args.out
+    try:
+        vb.bench(args.model, methods, params, args.requests, args.kv_blocks, args.new_tokens, 11, out,
+                 "ivcp " + " ".join(sys.argv[1:]))
+    except (RuntimeError, ValueError) as error:
+        raise CommandError(str(error)) from error
     return 0
 
 
@@ -505,6 +524,12 @@ def build_parser() -> Parser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (none: CUDA when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: ivcp's HF engine (above); vllm: vanilla vs pruned vLLM at a fixed KV budget "
+                   "(ivcp/vllm/bench.py: --model tiny or a servable folder, --methods, --requests, --kv-blocks, "
+                   "--new-tokens, --out; runs in the vLLM environment, docs/vllm.md)")
+    p.add_argument("--requests", type=int, default=48, help="with --engine vllm: prompts, all submitted at once")
+    p.add_argument("--kv-blocks", type=int, default=40, help="with --engine vllm: the KV budget in blocks of 32 tokens")
     p.set_defaults(func=bench)
 
     p = sub.add_parser("data", help="synthetic datasets in VLMEvalKit's TSV format",

@@ -2,13 +2,21 @@
 ``bash scripts/setup.sh --vllm``; or $IVCP_VLLM_PYTHON). vLLM pins transformers and torch versions of its
 own, so it lives beside the project's .venv; these tests skip, saying so, where it is absent.
 
-- parity: 50 generated grounding prompts (five picture sizes, every fifth with two pictures, all
-  submitted at once so the engine batches them) served through vLLM + the plugin give the same greedy
-  answers, token for token, as ivcp's HF path, and each prompt's KV length in vLLM equals
-  ``session.last.kv_lengths`` of the HF cache in every layer; the same for random pruning;
+Everything runs in ONE subprocess (``tests/vllm_checks.py --suite``, a module-scoped fixture): vLLM is
+imported once and each model gets one engine that serves all its methods in one mixed batch (the first
+method is the model's, the others come per request through ``mm_processor_kwargs``). The tests read
+the sections of its output:
+
+- parity on the tiny grounder (Qwen2.5-VL), a tiny Qwen2-VL and a tiny Qwen3-VL: greedy answers token
+  for token equal to ivcp's HF path, each prompt's KV length in vLLM equal to ``session.last.kv_lengths``
+  (every layer), kept token sets equal — 50 grounder prompts and 50 Qwen3-VL prompts with ivc_prune
+  (five picture sizes, every fifth with two pictures), random pruning, the Tab. 6 patterns, a
+  selection layer before Qwen3-VL's last deepstack level, and unpruned requests;
 - plugin off: the plugin's model class with no method answers as plain vLLM does;
-- errors: bad method names / parameters, methods it cannot serve exactly, prefix caching, chunked
-  prefill, tensor / pipeline parallelism — one-line errors (tests/vllm_checks.py).
+- errors: bad method names / parameters (at load and per request), methods it cannot serve exactly,
+  prefix caching, chunked prefill, tensor / pipeline parallelism — one-line errors;
+- ``vllm serve``: the OpenAI-compatible server with the plugin answers a chat request with a picture as
+  offline ``vllm.LLM`` does.
 """
 
 from __future__ import annotations
@@ -37,37 +45,90 @@ _REASON = _vllm_ready()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def run(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([str(VLLM_PYTHON), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """Run the whole vLLM suite once; section name → (exit status, output)."""
+    out = tmp_path_factory.mktemp("vllm")
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run([str(VLLM_PYTHON), "tests/vllm_checks.py", "--suite", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=3600)
+    sections = {}
+    for rc in out.glob("*.rc"):
+        sections[rc.stem] = (int(rc.read_text()), (out / f"{rc.stem}.log").read_text())
+    assert sections, f"the vLLM suite wrote nothing:\n{(done.stdout + done.stderr)[-4000:]}"
+    return sections
 
 
-def share(output: str, label: str) -> float:
-    found = re.search(rf"{label}:\s+([\d.]+) %", output)
-    assert found, f"no '{label}' line in the parity output:\n{output[-3000:]}"
-    return float(found.group(1))
+def section(suite, name: str) -> str:
+    assert name in suite, f"section {name} did not run: {sorted(suite)}"
+    rc, text = suite[name]
+    assert rc == 0, f"section {name} failed:\n{text[-4000:]}"
+    return text
 
 
-@pytest.mark.parametrize("method,params,n", [("ivc_prune", "{}", 50), ("random", '{"keep_ratio": 0.3}', 5)])
-def test_parity_with_hf_path(method, params, n, tmp_path):
-    done = run("scripts/vllm_parity.py", "--method", method, "--params", params, "--n", str(n),
-               "--model-dir", str(tmp_path / "grounder"))
-    out = done.stdout + done.stderr
-    assert share(out, "identical answers") == 100.0, out[-3000:]
-    assert share(out, "KV length equal") == 100.0, out[-3000:]
-    assert done.returncode == 0, out[-3000:]
-    assert f"{n} prompts" in done.stdout
+def shares(text: str, label: str) -> dict[str, float]:
+    """method label → the share on its '[method] label: x %' line."""
+    return {m: float(v) for m, v in re.findall(rf"^\[(.+?)\] {label}:\s+([\d.]+) %", text, flags=re.M)}
 
 
-def test_plugin_off_is_plain_vllm(tmp_path):
-    done = run("scripts/vllm_parity.py", "--method", "none", "--n", "5", "--model-dir", str(tmp_path / "grounder"))
-    out = done.stdout + done.stderr
-    assert share(out, "identical answers") == 100.0, out[-3000:]
-    assert done.returncode == 0, out[-3000:]
+def check_parity(text: str, expected: dict[str, int], near_ties: tuple[str, ...] = ()) -> None:
+    """Every method of ``expected`` (label → prompts) ran with 100 % identical answers, KV lengths and
+    (pruned methods) kept sets — except ``near_ties``, whose kept sets may differ by background tokens of
+    equal content that vLLM's kernels rank the other way (docs/vllm.md; the answers must still agree)."""
+    answers, kv, kept = shares(text, "identical answers"), shares(text, "KV length equal"), shares(text, "kept tokens equal")
+    assert set(answers) == set(expected), (sorted(answers), text[-3000:])
+    for label, n in expected.items():
+        assert answers[label] == 100.0 and kv[label] == 100.0, (label, text[-3000:])
+        assert f"[{label}] identical answers: 100.0 %  ({n}/{n})" in text
+        if label != "none":
+            assert kept[label] == 100.0 or (label in near_ties and kept[label] >= 75.0), (label, text[-3000:])
 
 
-def test_clear_errors():
-    done = run("tests/vllm_checks.py", timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    for name in ("names_and_params", "refused_methods", "kept_counts", "engine_settings"):
-        assert f"ok {name}" in done.stdout
+def test_parity_grounder_methods_and_patterns(suite):
+    text = section(suite, "grounder")
+    check_parity(text, {"ivc_prune {}": 50, 'random {"keep_ratio": 0.3}': 10, 'ivc_prune {"pattern": "corners"}': 5,
+                        'ivc_prune {"pattern": "window"}': 5, 'ivc_prune {"pattern": "diagonal"}': 5,
+                        'ivc_prune {"pattern": "random"}': 5,
+                        'ivc_prune {"pattern": "window", "use_foreground": false}': 5, "none": 10},
+                 near_ties=("ivc_prune {}",))
+
+
+def test_parity_qwen2_vl(suite):
+    check_parity(section(suite, "qwen2_vl"), {"ivc_prune {}": 10, 'random {"keep_ratio": 0.3}': 5, "none": 5})
+
+
+def test_parity_qwen3_vl_deepstack(suite):
+    check_parity(section(suite, "qwen3_vl"), {"ivc_prune {}": 50, 'ivc_prune {"selection_layer": 1}': 10,
+                                              'random {"keep_ratio": 0.3}': 5, "none": 5}, near_ties=("ivc_prune {}",))
+
+
+def test_per_request_errors(suite):
+    text = section(suite, "grounder")
+    assert "ok request_errors" in text, text[-3000:]
+    assert text.count("request error") == 5 and "WRONG" not in text
+
+
+def test_plugin_off_is_plain_vllm(suite):
+    check_parity(section(suite, "plugin_off"), {"none": 5})
+
+
+def test_clear_errors(suite):
+    text = section(suite, "checks")
+    for name in ("names_and_params", "refused_methods", "kept_counts", "engine_settings", "request_specs"):
+        assert f"ok {name}" in text
+
+
+def test_vllm_serve_matches_offline(suite):
+    text = section(suite, "serve")
+    assert "serve: every answer equal to offline LLM" in text
+    assert text.count("same: server") == 2 and "(random): same" in text, text[-3000:]  # one with a per-request method
+    assert "bad method: ok" in text, text[-3000:]
+
+
+def test_bench_engine_vllm_refuses_a_missing_model(tmp_path, capsys):
+    from ivcp.cli import main
+
+    assert main(["bench", "--engine", "vllm", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "is not a model folder" in err and err.strip().count("\n") == 0

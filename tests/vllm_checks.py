@@ -1,18 +1,54 @@
-"""Checks run inside the vLLM environment by tests/test_vllm.py (one process: no engine is started; not a
-pytest module: the vLLM environment has no pytest).
+"""Checks run inside the vLLM environment by tests/test_vllm.py (not a pytest module: the vLLM environment
+has no pytest).
 
-Each check prints "ok <name>" or raises; bad names / parameters and refused engine settings must fail
-with ivcp's one-line errors."""
+``python tests/vllm_checks.py``: no engine is started; each check prints "ok <name>" or raises; bad
+names / parameters and refused engine settings must fail with ivcp's one-line errors.
+
+``python tests/vllm_checks.py --suite DIR``: everything tests/test_vllm.py asserts, in ONE process so
+that vLLM is imported once and the engines run in it (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the checks
+above, then the parity runs of scripts/vllm_parity.py (one engine per model, all its methods in one
+mixed batch), the plugin-off run and the server check; each section's output goes to DIR/<name>.log,
+its exit status to DIR/<name>.rc.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import re
 
-from ivcp.vllm import engine_args
-from ivcp.vllm.method import kept_visual_count, resolve
-from ivcp.vllm.qwen2_5_vl import check_engine
+if sys.argv[1:2] == ["--suite"]:  # engines in this process (before vLLM is imported)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the parity runs: (section, vllm_parity.py arguments). The first method of each run is the model's
+# (engine_args), the others come per request (mm_processor_kwargs), all in one batch.
+PATTERNS = [["ivc_prune", {"pattern": p}, 5] for p in ("corners", "window", "diagonal", "random")]
+RUNS = {
+    "grounder": ["--methods", json.dumps([["ivc_prune", {}, 50], ["random", {"keep_ratio": 0.3}, 10], *PATTERNS,
+                                          ["ivc_prune", {"pattern": "window", "use_foreground": False}, 5],
+                                          ["none", {}, 10]]), "--request-errors"],
+    "qwen2_vl": ["--family", "qwen2_vl", "--methods", json.dumps([["ivc_prune", {}, 10], ["random", {"keep_ratio": 0.3}, 5],
+                                                                  ["none", {}, 5]])],
+    # selection_layer 1: the deepstack features of levels 1 and 2 reach the kept tokens after K
+    "qwen3_vl": ["--family", "qwen3_vl", "--methods", json.dumps([["ivc_prune", {}, 50], ["ivc_prune", {"selection_layer": 1}, 10],
+                                                                  ["random", {"keep_ratio": 0.3}, 5], ["none", {}, 5]])],
+    "plugin_off": ["--method", "none", "--n", "5"],
+}
+
+
+from ivcp.vllm import engine_args  # noqa: E402
+from ivcp.vllm.method import kept_visual_count, resolve  # noqa: E402
+from ivcp.vllm.pruned import check_engine, request_spec  # noqa: E402
 
 
 def raises(match: str, fn, *args, **kwargs) -> None:
@@ -47,7 +83,8 @@ def main() -> None:
     raises("not 'fastv'", resolve, "qwen2_5_vl", 4, 128, "fastv")
     raises("trim_layer0_kv=False is not served", resolve, "qwen2_5_vl", 4, 128, "ivc_prune", {"trim_layer0_kv": False})
     raises("depends on the picture", resolve, "qwen2_5_vl", 4, 128, "ivc_prune", {"budget_mode": "paper_union"})
-    raises("serves qwen2_5_vl", resolve, "llava", 4, 128, "ivc_prune")
+    raises("serves qwen2_5_vl, qwen2_vl, qwen3_vl", resolve, "llava", 4, 128, "ivc_prune")
+    raises("not 'drop_ivc'", resolve, "qwen3_vl", 5, 64, "drop_ivc")
     raises("not 'Llava", engine_args, "ivc_prune", architecture="LlavaForConditionalGeneration")
     print("ok refused_methods")
     # kept counts from the grid alone (a hand-worked budget: round(0.5 * 64) = 32; random 0.3 of 80 = 24)
@@ -69,7 +106,55 @@ def main() -> None:
     assert args["hf_overrides"] == {"architectures": ["IvcpQwen2_5_VLForConditionalGeneration"],
                                     "ivcp_method": "ivc_prune", "ivcp_params": {"keep_ratio": 0.25}}
     print("ok engine_settings")
+    # the per-request channel (mm_processor_kwargs): its own errors; the model's method without it
+    config = SimpleNamespace(ivcp_method="ivc_prune", ivcp_params={"keep_ratio": 0.25})
+    assert request_spec(config, {}) == ("ivc_prune", {"keep_ratio": 0.25})
+    kwargs = {"ivcp_method": "random", "ivcp_params": {"keep_ratio": 0.3}, "fps": 2}
+    assert request_spec(config, kwargs) == ("random", {"keep_ratio": 0.3}) and kwargs == {"fps": 2}
+    assert request_spec(config, {"ivcp_method": "none"}) == (None, {})
+    raises("ivcp_params without ivcp_method", request_spec, config, {"ivcp_params": {"keep_ratio": 0.3}})
+    raises("must be a dict", request_spec, config, {"ivcp_method": "random", "ivcp_params": 0.3})
+    raises("takes no ivcp_params", request_spec, config, {"ivcp_method": "none", "ivcp_params": {"keep_ratio": 0.3}})
+    print("ok request_specs")
+
+
+
+def suite(out: Path) -> int:
+    """Run every section, each one's output to ``out/<name>.log``; 0 if all passed."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    out.mkdir(parents=True, exist_ok=True)
+    import gc
+
+    import vllm_parity
+    import vllm_serve_check
+
+    folders = {"grounder": out / "grounder", "qwen2_vl": out / "qwen2_vl", "qwen3_vl": out / "qwen3_vl"}
+    sections = [("checks", main)]
+    for name, args in RUNS.items():
+        folder = folders.get(name, folders["grounder"])
+        sections.append((name, lambda args=args, folder=folder: vllm_parity.main([*args, "--model-dir", str(folder)])))
+    sections.append(("serve", lambda: vllm_serve_check.main(["--n", "2", "--model-dir", str(folders["grounder"])])))
+    failed = 0
+    for name, run in sections:
+        started = time.perf_counter()
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            try:
+                rc = run() or 0
+            except Exception:  # noqa: BLE001 - reported in the section's log
+                traceback.print_exc(file=buffer)
+                rc = 1
+        gc.collect()
+        seconds = time.perf_counter() - started
+        (out / f"{name}.log").write_text(buffer.getvalue())
+        (out / f"{name}.rc").write_text(str(rc))
+        print(f"{name}: exit {rc} in {seconds:.0f} s", flush=True)
+        failed += rc != 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--suite"]:
+        sys.exit(suite(Path(sys.argv[2])))
     main()

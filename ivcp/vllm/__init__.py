@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "IvcpQwen2_5_VLForConditionalGeneration"}
+ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "IvcpQwen2_5_VLForConditionalGeneration",
+                 "Qwen2VLForConditionalGeneration": "IvcpQwen2VLForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration": "IvcpQwen3VLForConditionalGeneration"}
+MODULES = {"IvcpQwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "IvcpQwen2VLForConditionalGeneration": "qwen2_5_vl",
+           "IvcpQwen3VLForConditionalGeneration": "qwen3_vl"}
 
 
 def register() -> None:
@@ -24,7 +28,7 @@ def register() -> None:
 
     for ours in ARCHITECTURES.values():
         if ours not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(ours, f"ivcp.vllm.qwen2_5_vl:{ours}")
+            ModelRegistry.register_model(ours, f"ivcp.vllm.{MODULES[ours]}:{ours}")
 
 
 def engine_args(method: str | None = "ivc_prune", architecture: str = "Qwen2_5_VLForConditionalGeneration",

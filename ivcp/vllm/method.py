@@ -17,7 +17,7 @@ from ..methods.random import RandomPrune
 from ..patterns import pattern_tokens
 from ..scoring import count, keep_count
 
-FAMILIES = ("qwen2_5_vl",)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 SERVED = ("ivc_prune", "random")
 
 
