@@ -144,8 +144,8 @@ def test_low_budget_table_next_to_the_papers_table16(tmp_path):
         (tmp_path / model / f"{model}_MMStar_acc.csv").write_text(f"split,Overall\nnone,{score}\n")
         _predictions(tmp_path, model, "MMStar")
     assert results.model_name(base, "fastv:Keep33") == "llava-1.5-7b-hf_FastV_Keep33"
-    with pytest.raises(ValueError, match="unknown budget 'pdrop:Keep33'"):
-        results.model_name(base, "pdrop:Keep33")
+    with pytest.raises(ValueError, match="unknown budget 'vscan:Keep33'"):  # VScan has no budget setting
+        results.model_name(base, "vscan:Keep33")
     rows = results.build_table(tmp_path, base, ["vanilla", "fastv:Keep33", "ivc_prune:Keep11"], ["MMStar"], "general")
     paper = results.paper_rows(ROOT / "results/paper/table16_low_budget_llava_1_5_7b.csv")
     _, table = results.render(rows, ["MMStar"], "t", {}, paper)

@@ -587,8 +587,8 @@ def test_scripts_exit_non_zero_on_every_failure(tmp_path):
     for script in ("test_ivcp_qwen_generalvqa.sh", "test_ivcp_llava_generalvqa.sh"):
         run = _script(script, [], {}, tmp_path)
         assert run.returncode == 2 and "set LMUData" in run.stderr
-    run = _script("test_ivcp_llava_generalvqa.sh", ["--methods", "pdrop:Keep33"], {"LMUData": str(empty)}, tmp_path)
-    assert run.returncode == 2 and "unknown budget 'pdrop:Keep33'" in run.stderr
+    run = _script("test_ivcp_llava_generalvqa.sh", ["--methods", "vscan:Keep33"], {"LMUData": str(empty)}, tmp_path)
+    assert run.returncode == 2 and "unknown budget 'vscan:Keep33'" in run.stderr  # VScan has no budget setting
     run = _script("test_ivcp_qwen_grounding.sh", ["--modles", "x"], {}, tmp_path)
     assert run.returncode == 2 and "unknown argument --modles" in run.stderr
 
