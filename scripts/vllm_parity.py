@@ -6,9 +6,8 @@ through vLLM with the plugin and through ``ivcp.prune`` on the HF model, greedy.
 together, so one batch mixes methods; the first method is the model's (``engine_args``), the others
 come per request (``mm_processor_kwargs``). Prints, per method, the share of identical answers, the
 share of prompts whose KV length in vLLM equals the HF cache's (``session.last.kv_lengths``, every
-layer), the share whose kept tokens are the same set (informative: near-ties between background tokens
-of equal content may break differently under vLLM's kernels, see docs/vllm.md), and Acc@0.5 of both
-paths; exits 1 below 100 % identical answers or equal KV lengths. ``none`` (unpruned) is compared with
+layer), the share whose kept tokens are the same set, and Acc@0.5 of both paths; exits 1 below 100 %
+identical answers, equal KV lengths or (pruned methods) equal kept sets. ``none`` (unpruned) is compared with
 plain vLLM (vLLM's own model class, a second engine).
 
     python scripts/vllm_parity.py --method ivc_prune --n 50          # in the vLLM environment (docs/vllm.md)
@@ -90,7 +89,8 @@ def vllm_answers(llm, folder: Path, samples: list[dict], specs: list[tuple[str |
                  max_tokens: int, record: Path | None = None):
     """The prompts through one engine, submitted together (the engine batches them): prompt i with the
     method ``specs[i]`` sent per request (None: the model's own). Returns the answers and the plugin's
-    kept-token record (keyed by method repr and prompt ids)."""
+    kept-token records: (method repr, prompt ids) → the kept tokens of every prefill with that key (prompts
+    with equal text and picture sizes have equal ids: their pictures differ only in pixels)."""
     from transformers import AutoProcessor
     from vllm import SamplingParams
 
@@ -110,7 +110,7 @@ def vllm_answers(llm, folder: Path, samples: list[dict], specs: list[tuple[str |
     if record is not None and record.is_file():
         for line in record.read_text().splitlines():
             entry = json.loads(line)
-            kept.setdefault((entry["method"], tuple(entry["prompt_ids"])), entry["kept"])
+            kept.setdefault((entry["method"], tuple(entry["prompt_ids"])), []).append(entry["kept"])
     return [{"answer": o.outputs[0].text, "kv_length": len(o.prompt_token_ids)} for o in outputs], kept
 
 
@@ -138,22 +138,43 @@ def method_repr(folder: Path, name: str, params: dict) -> str:
     return repr(resolve(config.model_type, text.num_hidden_layers, text.hidden_size, name, params))
 
 
+def matched(reference: list[dict], runs: dict, method: str) -> list[bool]:
+    """Whether each HF row's kept set equals a distinct vLLM prefill's of the same (method, prompt ids): a
+    one-to-one matching, since prompts of equal text and picture sizes share their ids."""
+    out = []
+    for r in reference:
+        candidates = runs.get((method, tuple(r["prompt_ids"])), [])
+        if r["kept"] in candidates:
+            candidates.remove(r["kept"])
+            out.append(True)
+        else:
+            out.append(False)
+    return out
+
+
 def compare(label: str, name: str, samples, reference, served, kept=None, method=None) -> bool:
-    """Print one method's parity lines; True when every answer and every KV length is equal."""
+    """Print one method's parity lines; True when every answer, KV length and kept set is equal."""
     same = [r["answer"] == s["answer"] for r, s in zip(reference, served)]
     kv_same = [set(r["kv_lengths"]) == {s["kv_length"]} for r, s in zip(reference, served)]
     print(f"[{label}] identical answers: {100.0 * sum(same) / len(same):.1f} %  ({sum(same)}/{len(same)})")
     print(f"[{label}] KV length equal:   {100.0 * sum(kv_same) / len(kv_same):.1f} %")
+    kept_same = []
     if kept is not None:
-        kept_same = [kept.get((method, tuple(r["prompt_ids"]))) == r["kept"] for r in reference]
+        kept_same = matched(reference, {key: list(runs) for key, runs in kept.items() if key[0] == method}, method)
         print(f"[{label}] kept tokens equal: {100.0 * sum(kept_same) / len(kept_same):.1f} %")
+        for i, r in enumerate(reference):
+            if not kept_same[i]:
+                runs = kept.get((method, tuple(r["prompt_ids"]))) or [[]]
+                fewest = min(len(set(run) - set(r["kept"])) for run in runs)
+                print(f"  prompt {i} ({len(samples[i]['images'])} picture(s)): kept set differs from every vLLM "
+                      f"prefill of the same prompt ids (by {fewest} token(s) each way at least)")
     print(f"[{label}] Acc@0.5: {name} {accuracy(samples, [r['answer'] for r in reference]):.1f} %, "
           f"vLLM + ivcp {accuracy(samples, [s['answer'] for s in served]):.1f} %")
     for i, (r, s) in enumerate(zip(reference, served)):
         if r["answer"] != s["answer"] or set(r["kv_lengths"]) != {s["kv_length"]}:
             print(f"  prompt {i}: {name} {r['answer']!r} (KV {sorted(set(r['kv_lengths']))}) != "
                   f"vLLM {s['answer']!r} (KV {s['kv_length']})")
-    return all(same) and all(kv_same)
+    return all(same) and all(kv_same) and (kept is None or all(kept_same))
 
 
 def request_errors(llm, folder: Path, sample: dict) -> bool:
@@ -250,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         del llm
     if args.json:
         args.json.write_text(json.dumps(dump, indent=1))
-    print("parity: " + ("every answer and KV length equal" if ok else "DIFFERENCES (see above)"))
+    print("parity: " + ("every answer, KV length and kept set equal" if ok else "DIFFERENCES (see above)"))
     return 0 if ok else 1
 
 

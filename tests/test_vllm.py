@@ -10,8 +10,9 @@ the sections of its output:
 - parity on the tiny grounder (Qwen2.5-VL), a tiny Qwen2-VL and a tiny Qwen3-VL: greedy answers token
   for token equal to ivcp's HF path, each prompt's KV length in vLLM equal to ``session.last.kv_lengths``
   (every layer), kept token sets equal — 50 grounder prompts and 50 Qwen3-VL prompts with ivc_prune
-  (five picture sizes, every fifth with two pictures), random pruning, the Tab. 6 patterns, a
-  selection layer before Qwen3-VL's last deepstack level, and unpruned requests;
+  (five picture sizes, every fifth with two pictures), random pruning, the Tab. 6 patterns, drop_ivc and
+  the IVC tokens alone (kept counts that depend on the image's position in the prompt), a selection layer
+  before Qwen3-VL's last deepstack level, and unpruned requests;
 - plugin off: the plugin's model class with no method answers as plain vLLM does;
 - errors: bad method names / parameters (at load and per request), methods it cannot serve exactly,
   prefix caching, chunked prefill, tensor / pipeline parallelism — one-line errors;
@@ -72,17 +73,16 @@ def shares(text: str, label: str) -> dict[str, float]:
     return {m: float(v) for m, v in re.findall(rf"^\[(.+?)\] {label}:\s+([\d.]+) %", text, flags=re.M)}
 
 
-def check_parity(text: str, expected: dict[str, int], near_ties: tuple[str, ...] = ()) -> None:
+def check_parity(text: str, expected: dict[str, int]) -> None:
     """Every method of ``expected`` (label → prompts) ran with 100 % identical answers, KV lengths and
-    (pruned methods) kept sets — except ``near_ties``, whose kept sets may differ by background tokens of
-    equal content that vLLM's kernels rank the other way (docs/vllm.md; the answers must still agree)."""
+    (pruned methods) kept sets."""
     answers, kv, kept = shares(text, "identical answers"), shares(text, "KV length equal"), shares(text, "kept tokens equal")
     assert set(answers) == set(expected), (sorted(answers), text[-3000:])
     for label, n in expected.items():
         assert answers[label] == 100.0 and kv[label] == 100.0, (label, text[-3000:])
         assert f"[{label}] identical answers: 100.0 %  ({n}/{n})" in text
         if label != "none":
-            assert kept[label] == 100.0 or (label in near_ties and kept[label] >= 75.0), (label, text[-3000:])
+            assert kept[label] == 100.0, (label, text[-3000:])
 
 
 def test_parity_grounder_methods_and_patterns(suite):
@@ -90,8 +90,8 @@ def test_parity_grounder_methods_and_patterns(suite):
     check_parity(text, {"ivc_prune {}": 50, 'random {"keep_ratio": 0.3}': 10, 'ivc_prune {"pattern": "corners"}': 5,
                         'ivc_prune {"pattern": "window"}': 5, 'ivc_prune {"pattern": "diagonal"}': 5,
                         'ivc_prune {"pattern": "random"}': 5,
-                        'ivc_prune {"pattern": "window", "use_foreground": false}': 5, "none": 10},
-                 near_ties=("ivc_prune {}",))
+                        'ivc_prune {"pattern": "window", "use_foreground": false}': 5, "drop_ivc {}": 10,
+                        'ivc_prune {"use_foreground": false}': 5, "none": 10})
 
 
 def test_parity_qwen2_vl(suite):
@@ -100,7 +100,7 @@ def test_parity_qwen2_vl(suite):
 
 def test_parity_qwen3_vl_deepstack(suite):
     check_parity(section(suite, "qwen3_vl"), {"ivc_prune {}": 50, 'ivc_prune {"selection_layer": 1}': 10,
-                                              'random {"keep_ratio": 0.3}': 5, "none": 5}, near_ties=("ivc_prune {}",))
+                                              'random {"keep_ratio": 0.3}': 5, "drop_ivc {}": 10, "none": 5})
 
 
 def test_per_request_errors(suite):
@@ -115,7 +115,8 @@ def test_plugin_off_is_plain_vllm(suite):
 
 def test_clear_errors(suite):
     text = section(suite, "checks")
-    for name in ("names_and_params", "refused_methods", "kept_counts", "engine_settings", "request_specs"):
+    for name in ("names_and_params", "refused_methods", "kept_counts", "position_counts", "engine_settings",
+                 "request_specs"):
         assert f"ok {name}" in text
 
 

@@ -36,18 +36,21 @@ PATTERNS = [["ivc_prune", {"pattern": p}, 5] for p in ("corners", "window", "dia
 RUNS = {
     "grounder": ["--methods", json.dumps([["ivc_prune", {}, 50], ["random", {"keep_ratio": 0.3}, 10], *PATTERNS,
                                           ["ivc_prune", {"pattern": "window", "use_foreground": False}, 5],
+                                          ["drop_ivc", {}, 10], ["ivc_prune", {"use_foreground": False}, 5],
                                           ["none", {}, 10]]), "--request-errors"],
     "qwen2_vl": ["--family", "qwen2_vl", "--methods", json.dumps([["ivc_prune", {}, 10], ["random", {"keep_ratio": 0.3}, 5],
                                                                   ["none", {}, 5]])],
     # selection_layer 1: the deepstack features of levels 1 and 2 reach the kept tokens after K
     "qwen3_vl": ["--family", "qwen3_vl", "--methods", json.dumps([["ivc_prune", {}, 50], ["ivc_prune", {"selection_layer": 1}, 10],
-                                                                  ["random", {"keep_ratio": 0.3}, 5], ["none", {}, 5]])],
+                                                                  ["random", {"keep_ratio": 0.3}, 5], ["drop_ivc", {}, 10],
+                                                                  ["none", {}, 5]])],
     "plugin_off": ["--method", "none", "--n", "5"],
 }
 
 
 from ivcp.vllm import engine_args  # noqa: E402
-from ivcp.vllm.method import kept_visual_count, resolve  # noqa: E402
+from ivcp.adapters import RopeSpec  # noqa: E402
+from ivcp.vllm.method import kept_visual_count, needs_position, resolve  # noqa: E402
 from ivcp.vllm.pruned import check_engine, request_spec  # noqa: E402
 
 
@@ -61,6 +64,20 @@ def raises(match: str, fn, *args, **kwargs) -> None:
             raise AssertionError(f"{fn.__name__}{args}: the error is not one line: {error!r}")
         return
     raise AssertionError(f"{fn.__name__}{args} {kwargs} raised nothing; expected an error saying {match!r}")
+
+
+def ivc_set_by_hand(base: int, grid_h: int, grid_w: int, rope, ratio: float) -> set[int]:
+    """Top round(ratio·N) by V(m) = Σ_s Σ_k cos(p_s(m)·θ_k) ∪ top by U (sin), ties to the earlier token."""
+    import math
+
+    freqs = [rope.theta ** (-2 * k / rope.head_dim) for k in range(rope.head_dim // 2)]
+    tokens = [(r, c) for r in range(grid_h) for c in range(grid_w)]
+    streams = [[base, base + r, base + c] for r, c in tokens]  # t, h, w ids of an image from its first id
+    v = [sum(sorted(sum(math.cos(p * f) for f in freqs) for p in ps)) for ps in streams]
+    u = [sum(sorted(sum(math.sin(p * f) for f in freqs) for p in ps)) for ps in streams]
+    k = round(ratio * len(tokens))
+    top = lambda scores: sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]  # noqa: E731
+    return set(top(v)) | set(top(u))
 
 
 def engine(tp=1, pp=1, prefix=False, chunked=False, video_pruning=False):
@@ -84,7 +101,6 @@ def main() -> None:
     raises("trim_layer0_kv=False is not served", resolve, "qwen2_5_vl", 4, 128, "ivc_prune", {"trim_layer0_kv": False})
     raises("depends on the picture", resolve, "qwen2_5_vl", 4, 128, "ivc_prune", {"budget_mode": "paper_union"})
     raises("serves qwen2_5_vl, qwen2_vl, qwen3_vl", resolve, "llava", 4, 128, "ivc_prune")
-    raises("not 'drop_ivc'", resolve, "qwen3_vl", 5, 64, "drop_ivc")
     raises("not 'Llava", engine_args, "ivc_prune", architecture="LlavaForConditionalGeneration")
     print("ok refused_methods")
     # kept counts from the grid alone (a hand-worked budget: round(0.5 * 64) = 32; random 0.3 of 80 = 24)
@@ -94,6 +110,22 @@ def main() -> None:
                                                                       "use_foreground": False}), 8, 8) == 5
     raises("fit that budget", kept_visual_count, resolve("qwen2_5_vl", 4, 128, "ivc_prune", {"keep_ratio": 0.1}), 8, 8)
     print("ok kept_counts")
+    # counts that depend on the image's first M-RoPE id (drop_ivc: N − |IVC|; IVC tokens alone: |IVC|),
+    # against V / U summed by hand over the three streams (eq. 7, 8; the authors' reference mode)
+    rope = RopeSpec(theta=1_000_000.0, head_dim=16, mrope_section=(2, 3, 3))
+    drop = resolve("qwen2_5_vl", 4, 128, "drop_ivc", {"ivc_ratio": 0.1})
+    alone = resolve("qwen2_5_vl", 4, 128, "ivc_prune", {"use_foreground": False, "ivc_ratio": 0.1})
+    assert needs_position(drop) and needs_position(alone)
+    assert not needs_position(resolve("qwen2_5_vl", 4, 128, "ivc_prune"))
+    raises("depends on the image's position", kept_visual_count, drop, 8, 8)
+    sizes = set()
+    for base in (0, 3, 27, 45):
+        union = ivc_set_by_hand(base, 8, 8, rope, 0.1)
+        assert kept_visual_count(drop, 8, 8, base=base, rope=rope) == 64 - len(union)
+        assert kept_visual_count(alone, 8, 8, base=base, rope=rope) == len(union)
+        sizes.add(len(union))
+    assert len(sizes) > 1, "the IVC set's size should depend on the image's position here"
+    print("ok position_counts")
     # engine settings: prefix caching, chunked prefill, tensor / pipeline parallelism, vLLM's own pruning
     check_engine(engine())
     raises("enable_prefix_caching=False", check_engine, engine(prefix=True))

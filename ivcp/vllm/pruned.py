@@ -2,9 +2,10 @@
 
 How one prompt's prefill runs:
 
-1. the processor gives each image ``n_kept`` placeholder tokens (known from its grid:
-   :func:`ivcp.vllm.method.kept_visual_count`), so the scheduler reserves KV slots for the pruned
-   prompt only; the M-RoPE positions of the text are the unpruned model's, the decode delta follows.
+1. the processor gives each image ``n_kept`` placeholder tokens (known from its grid, or for
+   ``drop_ivc`` / IVC tokens alone from its grid and its first token's M-RoPE id, read off the prompt in
+   a second layout pass: :func:`ivcp.vllm.method.kept_visual_count`), so the scheduler reserves KV slots
+   for the pruned prompt only; the M-RoPE positions of the text are the unpruned model's, the decode delta follows.
    The method is the model's (``hf_overrides``) or the request's (``mm_processor_kwargs``
    ``{"ivcp_method": ..., "ivcp_params": {...}}``); the processor validates it and hands it to the model
    as a per-image field (``ivcp_spec``);
@@ -38,7 +39,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..adapters import adapter_for
 from ..selection import SelectionContext
-from .method import kept_visual_count, resolve
+from .method import full_grid_positions, kept_visual_count, needs_position, resolve
 
 TAG = 77.0  # channel 0 of a placeholder row: the row stands for a stored image
 _BASE = 200  # the store key in channels 1..3, base 200 (exact in any float dtype down to bf16)
@@ -139,11 +140,48 @@ class PrunedProcessorMixin:
             if method is None:
                 return original(item_idx) if callable(original) else original
             _, h, w = (int(x) for x in item["image_grid_thw"].data)
+            if needs_position(method):  # the full count for now; _maybe_apply_prompt_updates sets the kept one
+                return [image_token] * (h // merge * (w // merge))
             return [image_token] * kept_visual_count(method, h // merge, w // merge)
 
         return [PromptReplacement(modality="image", target=u.target,
                                   replacement=functools.partial(replacement, original=u.replacement))
                 if u.modality == "image" else u for u in updates]
+
+    def _maybe_apply_prompt_updates(self, mm_items, mm_res):
+        """Two layout passes where an image's kept count depends on its position (``drop_ivc``, IVC tokens
+        alone): lay the prompt out with every such image at its full count, read each one's first M-RoPE id
+        off that layout (the unpruned model's ids: text continues after an image from its largest id), then
+        lay it out again with the kept counts."""
+        config = self.info.get_hf_config()
+        items = mm_res.kwargs.get("image") or []
+        methods = [None if item is None else method_for(config, decode_spec(item["ivcp_spec"].data)) for item in items]
+        if not any(needs_position(m) for m in methods):
+            return super()._maybe_apply_prompt_updates(mm_items, mm_res)
+        _, placeholders = super()._maybe_apply_prompt_updates(mm_items, mm_res)
+        if any(modality != "image" for modality in placeholders):
+            raise ValueError("ivcp's vLLM plugin prunes images only; this request has a video")
+        merge = config.vision_config.spatial_merge_size
+        rope = _rope(config)
+        counts, top, end = {}, -1, 0
+        for place in sorted(placeholders["image"], key=lambda p: p.start_idx):
+            _, h, w = (int(x) for x in items[place.item_idx]["image_grid_thw"].data)
+            gh, gw = h // merge, w // merge
+            base = top + 1 + place.start_idx - end
+            method = methods[place.item_idx]
+            if needs_position(method):
+                counts[place.item_idx] = kept_visual_count(method, gh, gw, base=base, rope=rope)
+            top, end = base + max(gh, gw) - 1, place.start_idx + place.length
+        updates = dict(mm_res.prompt_updates)
+        updates["image"] = [[u.with_content([config.image_token_id] * counts[index]) for u in item_updates]
+                            if index in counts else item_updates
+                            for index, item_updates in enumerate(updates["image"])]
+        return super()._maybe_apply_prompt_updates(mm_items, mm_res._replace(prompt_updates=updates))
+
+
+def _rope(hf_config):
+    """The rope (ivcp's RopeSpec) of a model's config, as the adapter reads it."""
+    return adapter_for(SimpleNamespace(config=hf_config)).rope
 
 
 def _without_ivcp(kwargs) -> dict:
@@ -222,8 +260,10 @@ class PrunedPrefillMixin:
             self._store[key] = (emb, gh, gw, method)
             while len(self._store) > _STORE_SIZE:
                 self._store.popitem(last=False)
-            placeholder = torch.zeros(kept_visual_count(method, gh, gw), emb.shape[-1], dtype=emb.dtype,
-                                      device=emb.device)
+            # a count that depends on the image's position (unknown here): the full count, of which vLLM
+            # copies the first n_kept rows into the placeholders (any rows do: all carry the same tag)
+            rows = gh * gw if needs_position(method) else kept_visual_count(method, gh, gw)
+            placeholder = torch.zeros(rows, emb.shape[-1], dtype=emb.dtype, device=emb.device)
             placeholder[:, 0] = TAG
             placeholder[:, 1], placeholder[:, 2], placeholder[:, 3] = key % _BASE, key // _BASE % _BASE, key // _BASE ** 2
             out.append(placeholder)
@@ -298,14 +338,14 @@ class PrunedPrefillMixin:
             if key not in self._store:
                 raise ValueError("ivcp: an image's full embeddings were evicted before its prefill ran")
             emb, gh, gw, image_method = self._store[key]
-            length = kept_visual_count(image_method, gh, gw)
+            base = int(positions[0, i - 1]) + 1 if i else 0
+            length = kept_visual_count(image_method, gh, gw, base=base, rope=self._adapter.rope)
             j = i + length
             if j > n or not bool(tagged[i:j].all()):
                 raise ValueError(f"ivcp: fewer placeholders than the {length} tokens an image keeps")
             if method is not None and image_method is not method:
                 raise ValueError("ivcp: the images of one request carry different methods")
             method = image_method
-            base = int(positions[0, i - 1]) + 1 if i else 0
             start_full = sum(x.shape[0] for x in full_ids)
             full_ids.append(torch.full((gh * gw,), image_token, dtype=ids.dtype, device=ids.device))
             full_emb.append(emb[:, :width].to(embeds.dtype))
@@ -466,13 +506,6 @@ class VllmContext(SelectionContext):
 
     def hidden_states(self, tokens) -> torch.Tensor:
         return self._hidden[self.layer][self._check_present(tokens)][None]
-
-
-def full_grid_positions(base: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(3, gh·gw) M-RoPE ids of an image whose first token is at ``base``: (base, base + row, base + col)."""
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w).repeat(grid_h)
-    return torch.stack([torch.zeros_like(rows), rows, cols]) + base
 
 
 def check_engine(vllm_config) -> None:
