@@ -370,7 +370,7 @@ def bench_vllm(args: argparse.Namespace) -> int:
     out = args.out
     try:
         vb.bench(args.model, methods, params, args.requests, args.kv_blocks, args.new_tokens, 11, out,
-                 "ivcp " + " ".join(sys.argv[1:]))
+                 "ivcp " + " ".join(sys.argv[1:]), repeats=args.repeats)
     except (RuntimeError, ValueError) as error:
         raise CommandError(str(error)) from error
     return 0
@@ -527,7 +527,7 @@ def build_parser() -> Parser:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: ivcp's HF engine (above); vllm: vanilla vs pruned vLLM at a fixed KV budget "
                    "(ivcp/vllm/bench.py: --model tiny or a servable folder, --methods, --requests, --kv-blocks, "
-                   "--new-tokens, --out; runs in the vLLM environment, docs/vllm.md)")
+                   "--new-tokens, --repeats, --out; runs in the vLLM environment, docs/vllm.md)")
     p.add_argument("--requests", type=int, default=48, help="with --engine vllm: prompts, all submitted at once")
     p.add_argument("--kv-blocks", type=int, default=40, help="with --engine vllm: the KV budget in blocks of 32 tokens")
     p.set_defaults(func=bench)

@@ -28,7 +28,7 @@ from pathlib import Path
 from ivcp.vllm.prompts import SIZES, allowed_tokens, prompt_text, prompts  # noqa: F401 (used by other scripts)
 
 def hf_answers(folder: Path, samples: list[dict], method: str | None, params: dict, max_tokens: int,
-               batch_size: int = 10) -> list[dict]:
+               batch_size: int = 10, dtype: str = "float32") -> list[dict]:
     """ivcp's HF path, in left-padded batches (each row is pruned as it would be alone: ivcp's batch
     contract): answer, every layer's KV length and the kept tokens (indices without the row's padding)."""
     import torch
@@ -36,7 +36,7 @@ def hf_answers(folder: Path, samples: list[dict], method: str | None, params: di
 
     import ivcp
 
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     model.eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
@@ -49,6 +49,7 @@ def hf_answers(folder: Path, samples: list[dict], method: str | None, params: di
         texts = [prompt_text(processor, s["expression"], len(s["images"])) for s in batch]
         inputs = processor(text=texts, images=[image for s in batch for image in s["images"]], padding=True,
                            return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.no_grad():
             if method is None:
                 generated = model.generate(**inputs, **args)
@@ -69,9 +70,10 @@ def hf_answers(folder: Path, samples: list[dict], method: str | None, params: di
     return out
 
 
-def make_llm(folder: Path, method: str | None, params: dict, plugin: bool = True, **options):
+def make_llm(folder: Path, method: str | None, params: dict, plugin: bool = True, dtype: str = "float32", **options):
     """One vLLM engine on ``folder``: the plugin's class with ``method`` as the model's default, or (plugin
-    False) vLLM's own class; float32 (vLLM would downcast a float32 checkpoint to bf16 on CPU)."""
+    False) vLLM's own class; float32 unless ``dtype`` says otherwise (vLLM would downcast a float32
+    checkpoint to bf16 on CPU)."""
     from vllm import LLM
 
     from ivcp.vllm import engine_args
@@ -79,7 +81,7 @@ def make_llm(folder: Path, method: str | None, params: dict, plugin: bool = True
     config = json.loads((folder / "config.json").read_text())
     kwargs = engine_args(method, architecture=config["architectures"][0], **params) if plugin else \
         {"enable_prefix_caching": False}
-    settings = dict(dtype="float32", max_model_len=4096, enforce_eager=True, kv_cache_memory_bytes=256 * 2 ** 20,
+    settings = dict(dtype=dtype, max_model_len=4096, enforce_eager=True, kv_cache_memory_bytes=256 * 2 ** 20,
                     limit_mm_per_prompt={"image": 2}, max_num_seqs=32, seed=0)
     settings.update(options)
     return LLM(model=str(folder), **settings, **kwargs)
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the tiny model of --family written with a real processor (default: a temporary folder)")
     parser.add_argument("--request-errors", action="store_true", help="also send bad methods / parameters per request "
                         "and check ivcp's errors (multi-method runs)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both paths in this dtype "
+                        "(default float32; bfloat16 as real checkpoints are served: kernels round differently there)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-prompt comparison here")
     args = parser.parse_args(argv)
     entries = json.loads(args.methods) if args.methods else [[args.method, json.loads(args.params)]]
@@ -243,15 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IVCP_VLLM_RECORD"] = str(record)
     ok, dump = True, []
     if specs == [(None, {})]:  # the plugin's class with pruning off against plain vLLM
-        reference, _ = vllm_answers(make_llm(folder, None, {}, plugin=False), folder, samples, [None] * len(samples),
+        reference, _ = vllm_answers(make_llm(folder, None, {}, plugin=False, dtype=args.dtype), folder, samples, [None] * len(samples),
                                     args.max_tokens)
-        served, _ = vllm_answers(make_llm(folder, None, {}), folder, samples, [None] * len(samples), args.max_tokens)
+        served, _ = vllm_answers(make_llm(folder, None, {}, dtype=args.dtype), folder, samples, [None] * len(samples), args.max_tokens)
         for r in reference:
             r["kv_lengths"], r["prompt_ids"] = [r["kv_length"]], None
         ok = compare("none", "plain vLLM", samples, reference, served)
     else:
         default = specs[0]
-        llm = make_llm(folder, default[0], default[1])
+        llm = make_llm(folder, default[0], default[1], dtype=args.dtype)
         all_samples, all_specs, slices = [], [], []
         for k, (spec, n) in enumerate(zip(specs, counts)):  # the first method is the model's: sent without kwargs
             slices.append(slice(len(all_samples), len(all_samples) + n))
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         served_all, kept = vllm_answers(llm, folder, all_samples, all_specs, args.max_tokens, record)
         for (name, params), n, part in zip(specs, counts, slices):
             label = "none" if name is None else f"{name} {json.dumps(params)}"
-            reference = hf_answers(folder, samples[:n], name, params, args.max_tokens)
+            reference = hf_answers(folder, samples[:n], name, params, args.max_tokens, dtype=args.dtype)
             served = served_all[part]
             method = None if name is None else method_repr(folder, name, params)
             ok &= compare(label, "ivcp HF", samples[:n], reference, served, None if name is None else kept, method)

@@ -8,7 +8,8 @@ GPU, independent of ``VLLM_CPU_KVCACHE_SPACE`` / ``gpu_memory_utilization``), so
 time to first token, KV blocks per request (what the scheduler allocates: ⌈(prompt + generated) / 32⌉)
 and how many requests the budget holds at once, with the analytic ratio (the pruned prompt's tokens /
 vanilla's = its KV share) beside. Each configuration runs in a fresh process (a fresh engine, vLLM's
-usual multi-process layout). Imports vLLM only in the child processes.
+usual multi-process layout), warms up, then serves the prompts ``repeats`` times: the rates are the
+median round's, with the slowest and fastest rounds beside. Imports vLLM only in the child processes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 
 BLOCK = 32  # the CPU attention backend takes multiples of 32
+MAX_MODEL_LEN = 512  # the longest sequence the bench's engines admit (vLLM needs the budget to hold one)
 
 
-def _serve(folder: str, method: str, params: dict, n: int, blocks: int, max_tokens: int, seed: int) -> dict:
+def _serve(folder: str, method: str, params: dict, n: int, blocks: int, max_tokens: int, seed: int,
+           repeats: int = 3) -> dict:
     """One configuration in this process (the child)."""
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
@@ -40,7 +43,7 @@ def _serve(folder: str, method: str, params: dict, n: int, blocks: int, max_toke
     architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
     kwargs = {"enable_prefix_caching": False, "enable_chunked_prefill": False} if method == "vanilla" \
         else engine_args(method, architecture=architecture, **params)
-    llm = LLM(model=folder, dtype="float32", max_model_len=512, enforce_eager=True, block_size=BLOCK,
+    llm = LLM(model=folder, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True, block_size=BLOCK,
               kv_cache_memory_bytes=256 * 2 ** 20, num_gpu_blocks_override=blocks, max_num_seqs=256,
               max_num_batched_tokens=4096, limit_mm_per_prompt={"image": 2}, disable_log_stats=False, seed=0, **kwargs)
     requests = [{"prompt": prompt_text(processor, s["expression"], len(s["images"])),
@@ -49,15 +52,21 @@ def _serve(folder: str, method: str, params: dict, n: int, blocks: int, max_toke
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                               allowed_token_ids=allowed_tokens(Path(folder)))
     llm.generate(requests[:2], sampling, use_tqdm=False)  # warm-up
-    started = time.perf_counter()
-    outputs = llm.generate(requests, sampling, use_tqdm=False)
-    seconds = time.perf_counter() - started
+    rounds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None) is not None]
+        rounds.append((seconds, sum(ttft) / len(ttft) if ttft else None))
+    seconds, mean_ttft = sorted(rounds, key=lambda r: r[0])[len(rounds) // 2]  # the median round
     prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
     generated = [len(o.outputs[0].token_ids) for o in outputs]
-    ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None) is not None]
     per_request = [math.ceil((p + g) / BLOCK) for p, g in zip(prompt_tokens, generated)]
-    return {"method": method, "params": params, "requests": n, "seconds": seconds, "requests_per_s": n / seconds,
-            "tokens_per_s": sum(generated) / seconds, "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
+    return {"method": method, "params": params, "requests": n, "repeats": repeats,
+            "round_seconds": [r[0] for r in rounds], "seconds": seconds, "requests_per_s": n / seconds,
+            "requests_per_s_range": [n / max(r[0] for r in rounds), n / min(r[0] for r in rounds)],
+            "tokens_per_s": sum(generated) / seconds, "mean_ttft_s": mean_ttft,
             "mean_prompt_tokens": sum(prompt_tokens) / n, "kv_blocks_per_request": sum(per_request) / n,
             "kv_blocks": blocks, "requests_that_fit": blocks // max(per_request)}
 
@@ -70,18 +79,20 @@ def vllm_python() -> str:
         return sys.executable
     candidate = Path(os.environ.get("IVCP_VLLM_PYTHON", Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"))
     if not candidate.is_file():
-        raise RuntimeError(f"no vLLM here and none at {candidate}: make it with `bash scripts/setup.sh --vllm` "
+        raise RuntimeError(f"no vLLM here and none at {candidate}: make it with `bash scripts/setup.sh` "
                            "or set IVCP_VLLM_PYTHON")
     return str(candidate)
 
 
-def run(folder: str, methods: list[str], params: dict, n: int, blocks: int, max_tokens: int, seed: int) -> list[dict]:
+def run(folder: str, methods: list[str], params: dict, n: int, blocks: int, max_tokens: int, seed: int,
+        repeats: int = 3) -> list[dict]:
     """Every method in its own process (vanilla first: the ratios are against the first method)."""
     rows = []
     for method in methods:
         done = subprocess.run([vllm_python(), "-m", "ivcp.vllm.bench", "--one", method, "--params", json.dumps(params),
                                "--n", str(n), "--blocks", str(blocks), "--max-tokens", str(max_tokens), "--seed",
-                               str(seed), "--model-dir", folder], capture_output=True, text=True)
+                               str(seed), "--repeats", str(repeats), "--model-dir", folder], capture_output=True,
+                              text=True)
         if done.returncode:
             raise RuntimeError(f"vLLM bench of {method} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
         rows.append(json.loads([line for line in done.stdout.splitlines() if line.startswith("IVCP_BENCH ")][-1][11:]))
@@ -93,21 +104,32 @@ def run(folder: str, methods: list[str], params: dict, n: int, blocks: int, max_
 
 
 def table(rows: list[dict], n: int, blocks: int, max_tokens: int) -> str:
-    lines = [f"{n} prompts, KV budget {blocks} blocks x {BLOCK} tokens, {max_tokens} generated tokens each",
-             f"{'method':<12}{'req/s':>8}{'tok/s':>9}{'TTFT s':>8}{'prompt':>8}{'blocks/req':>11}{'fit':>5}"
+    repeats = rows[0].get("repeats", 1)
+    lines = [f"{n} prompts, KV budget {blocks} blocks x {BLOCK} tokens, {max_tokens} generated tokens each; "
+             f"rates of the median of {repeats} rounds (req/s of the slowest-fastest round beside)",
+             f"{'method':<12}{'req/s':>8}{'range':>13}{'tok/s':>9}{'TTFT s':>8}{'prompt':>8}{'blocks/req':>11}{'fit':>5}"
              f"{'x req/s':>9}{'analytic':>9}"]
     for row in rows:
         ttft = f"{row['mean_ttft_s']:.3f}" if row["mean_ttft_s"] is not None else "-"
-        lines.append(f"{row['method']:<12}{row['requests_per_s']:>8.2f}{row['tokens_per_s']:>9.1f}{ttft:>8}"
+        low, high = row.get("requests_per_s_range", [row["requests_per_s"]] * 2)
+        lines.append(f"{row['method']:<12}{row['requests_per_s']:>8.2f}{f'{low:.2f}-{high:.2f}':>13}"
+                     f"{row['tokens_per_s']:>9.1f}{ttft:>8}"
                      f"{row['mean_prompt_tokens']:>8.1f}{row['kv_blocks_per_request']:>11.2f}{row['requests_that_fit']:>5}"
                      f"{row['speedup']:>9.2f}{row['analytic_prompt_ratio']:>9.2f}")
     return "\n".join(lines)
 
 
 def bench(model: str | None, methods: list[str], params: dict, n: int, blocks: int, max_tokens: int, seed: int,
-          out: str | Path | None, command: str) -> list[dict]:
+          out: str | Path | None, command: str, repeats: int = 3) -> list[dict]:
     """Serve, print the table, write ``out``/bench.json and bench.md. ``model``: a servable folder, or
     None / ``tiny`` for the tiny grounder (written to a temporary folder)."""
+    if n < 1:
+        raise ValueError(f"requests must be at least 1, got {n}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if blocks * BLOCK < MAX_MODEL_LEN:
+        raise ValueError(f"a KV budget of {blocks} blocks x {BLOCK} tokens cannot hold one sequence of the bench's "
+                         f"longest ({MAX_MODEL_LEN} tokens): give at least {-(-MAX_MODEL_LEN // BLOCK)} blocks")
     if model in (None, "tiny"):
         from .folder import serving_folder
 
@@ -115,7 +137,7 @@ def bench(model: str | None, methods: list[str], params: dict, n: int, blocks: i
     elif not (Path(model) / "config.json").is_file():
         raise ValueError(f"ivcp bench --engine vllm: {model} is not a model folder (no config.json); give a local "
                          "checkpoint folder with its processor, or 'tiny'")
-    rows = run(model, methods, params, n, blocks, max_tokens, seed)
+    rows = run(model, methods, params, n, blocks, max_tokens, seed, repeats)
     text = table(rows, n, blocks, max_tokens)
     print(text)
     if out is not None:
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=40, help="KV blocks of 32 tokens (the fixed KV budget)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (the median is reported)")
     parser.add_argument("--model-dir", default=None, help="a servable model folder (default: the tiny grounder)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -142,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     params = json.loads(args.params)
     if args.one:  # a child: one configuration, JSON on its IVCP_BENCH line
         print("IVCP_BENCH " + json.dumps(_serve(args.model_dir, args.one, params, args.n, args.blocks, args.max_tokens,
-                                               args.seed)), flush=True)
+                                               args.seed, args.repeats)), flush=True)
         return 0
     try:
         bench(args.model_dir, args.methods.split(","), params, args.n, args.blocks, args.max_tokens, args.seed, args.out,
-              "python -m ivcp.vllm.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+              "python -m ivcp.vllm.bench " + " ".join(sys.argv[1:] if argv is None else argv), args.repeats)
     except (RuntimeError, ValueError) as error:
         print(f"vllm bench: error: {error}", file=sys.stderr)
         return 1
