@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # offline: vllm.LLM with the same settings
     llm = make_llm(folder, method, params)
-    # every second prompt names its method per request (mm_processor_kwargs), offline and on the server
+    # every second prompt names its method per request (mm_processor_kwargs), offline and on the server; then
+    # drop_ivc (a kept count that depends on the image's position) on the first picture twice: on the server
+    # the second is a hit of the processor cache, which keeps the prompt updates but drops the picture's data
     per_request = [None if i % 2 == 0 else {"ivcp_method": "random", "ivcp_params": {"keep_ratio": 0.3}}
-                   for i in range(len(samples))]
+                   for i in range(len(samples))] + [{"ivcp_method": "drop_ivc"}] * 2
+    samples = samples + [samples[0]] * 2
     offline = llm.generate([{"prompt": prompt_text(processor, s["expression"], 1), "multi_modal_data": {"image": s["image"]},
                              **({"mm_processor_kwargs": k} if k else {})}
                             for s, k in zip(samples, per_request)], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,

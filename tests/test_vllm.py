@@ -133,7 +133,8 @@ def test_clear_errors(suite):
 def test_vllm_serve_matches_offline(suite):
     text = section(suite, "serve")
     assert "serve: every answer equal to offline LLM" in text
-    assert text.count("same: server") == 2 and "(random): same" in text, text[-3000:]  # one with a per-request method
+    assert text.count("same: server") == 4, text[-3000:]
+    assert text.count("(random): same") == 1 and text.count("(drop_ivc): same") == 2, text[-3000:]  # per request
     assert "bad method: ok" in text, text[-3000:]
 
 

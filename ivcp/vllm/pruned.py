@@ -27,6 +27,7 @@ import functools
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from vllm.forward_context import get_forward_context
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ..adapters import adapter_for
 from ..selection import SelectionContext
@@ -141,7 +142,8 @@ class PrunedProcessorMixin:
                 return original(item_idx) if callable(original) else original
             _, h, w = (int(x) for x in item["image_grid_thw"].data)
             if needs_position(method):  # the full count for now; _maybe_apply_prompt_updates sets the kept one
-                return [image_token] * (h // merge * (w // merge))
+                return PositionalCount(full=[image_token] * (h // merge * (w // merge)), method=method,
+                                       grid=(h // merge, w // merge))
             return [image_token] * kept_visual_count(method, h // merge, w // merge)
 
         return [PromptReplacement(modality="image", target=u.target,
@@ -152,31 +154,40 @@ class PrunedProcessorMixin:
         """Two layout passes where an image's kept count depends on its position (``drop_ivc``, IVC tokens
         alone): lay the prompt out with every such image at its full count, read each one's first M-RoPE id
         off that layout (the unpruned model's ids: text continues after an image from its largest id), then
-        lay it out again with the kept counts."""
-        config = self.info.get_hf_config()
-        items = mm_res.kwargs.get("image") or []
-        methods = [None if item is None else method_for(config, decode_spec(item["ivcp_spec"].data)) for item in items]
-        if not any(needs_position(m) for m in methods):
+        lay it out again with the kept counts. Which images, and their grids, come with their prompt
+        updates (:class:`PositionalCount`), which vLLM's processor cache keeps even where it drops the
+        item's data (a repeated picture)."""
+        images = mm_res.prompt_updates.get("image") or []
+        positional = [isinstance(item[0].content, PositionalCount) for item in images if item]
+        if not any(positional):
             return super()._maybe_apply_prompt_updates(mm_items, mm_res)
+        if not all(positional) or len(positional) != len(images):
+            raise ValueError("ivcp: the images of one request carry different methods")
         _, placeholders = super()._maybe_apply_prompt_updates(mm_items, mm_res)
         if any(modality != "image" for modality in placeholders):
             raise ValueError("ivcp's vLLM plugin prunes images only; this request has a video")
-        merge = config.vision_config.spatial_merge_size
+        config = self.info.get_hf_config()
         rope = _rope(config)
         counts, top, end = {}, -1, 0
         for place in sorted(placeholders["image"], key=lambda p: p.start_idx):
-            _, h, w = (int(x) for x in items[place.item_idx]["image_grid_thw"].data)
-            gh, gw = h // merge, w // merge
             base = top + 1 + place.start_idx - end
-            method = methods[place.item_idx]
-            if needs_position(method):
-                counts[place.item_idx] = kept_visual_count(method, gh, gw, base=base, rope=rope)
-            top, end = base + max(gh, gw) - 1, place.start_idx + place.length
+            content = images[place.item_idx][0].content
+            counts[place.item_idx] = kept_visual_count(content.method, *content.grid, base=base, rope=rope)
+            top, end = base + max(content.grid) - 1, place.start_idx + place.length
         updates = dict(mm_res.prompt_updates)
         updates["image"] = [[u.with_content([config.image_token_id] * counts[index]) for u in item_updates]
                             if index in counts else item_updates
-                            for index, item_updates in enumerate(updates["image"])]
+                            for index, item_updates in enumerate(images)]
         return super()._maybe_apply_prompt_updates(mm_items, mm_res._replace(prompt_updates=updates))
+
+
+@dataclass
+class PositionalCount(PromptUpdateDetails):
+    """An image's provisional placeholders (its full count) where the kept count depends on the image's
+    position: the method and the merged grid the second layout pass needs."""
+
+    method: Any = None
+    grid: tuple[int, int] = (0, 0)
 
 
 def _rope(hf_config):
@@ -449,27 +460,38 @@ class PrunedPrefillMixin:
 
     def _mixed_layer(self, layer, index: int, positions, hidden, residual, plans):
         """Layer ``index`` for the batch, where the requests of ``plans`` with K > index take their side
-        path's keys, values (into their slots) and outputs."""
-        if residual is None:
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-        else:
-            hidden, residual = layer.input_layernorm(hidden, residual)
-        attn = layer.self_attn
-        q, k, v = qkv(attn, hidden, positions)
-        k, v = k.clone(), v.clone()
+        path's keys, values (into their slots) and outputs. Their rows' own projections, attention outputs
+        and MLP would be discarded, so only the other rows are computed; vLLM's attention call still takes
+        every row (it writes the side path's keys and values into the requests' slots)."""
         side = [plan for plan in plans if index < plan["layer"]]
+        n = hidden.shape[0]
+        own = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        for plan in side:
+            own[plan["rows"]] = False
+        rows = own.nonzero().flatten()
+        attn = layer.self_attn
+        q = hidden.new_zeros(n, attn.q_size)  # the side rows' queries: any (their outputs are not used)
+        k, v = hidden.new_empty(n, attn.kv_size), hidden.new_empty(n, attn.kv_size)
+        if rows.numel():
+            x, res = hidden[rows], None if residual is None else residual[rows]
+            if res is None:
+                x, res = layer.input_layernorm(x), x
+            else:
+                x, res = layer.input_layernorm(x, res)
+            q[rows], k[rows], v[rows] = qkv(attn, x, positions[..., rows])
         for plan in side:  # the kept tokens' keys and values of the full prompt go into their slots
             k[plan["rows"]] = plan["keys"][index].to(k.dtype)
             v[plan["rows"]] = plan["values"][index].to(v.dtype)
-        out, _ = attn.o_proj(attn.attn(q, k, v))
-        hidden, residual = layer.post_attention_layernorm(out, residual)
-        hidden = layer.mlp(hidden)
-        hidden, residual = hidden.clone(), residual.clone()
+        out = attn.attn(q, k, v)
+        new_hidden = hidden.new_zeros(n, hidden.shape[-1])  # the side rows: hidden 0, residual = the side path's
+        new_residual = hidden.new_empty(n, hidden.shape[-1])
+        if rows.numel():
+            x, _ = attn.o_proj(out[rows])
+            x, res = layer.post_attention_layernorm(x, res)
+            new_hidden[rows], new_residual[rows] = layer.mlp(x), res
         for plan in side:  # and their hidden states of the full prompt go on to the next layer
-            hidden[plan["rows"]] = 0
-            residual[plan["rows"]] = plan["hidden"][index + 1].to(residual.dtype)
-        return hidden, residual
+            new_residual[plan["rows"]] = plan["hidden"][index + 1].to(new_residual.dtype)
+        return new_hidden, new_residual
 
 
 def qkv(attn, x: torch.Tensor, positions: torch.Tensor | None):
