@@ -313,7 +313,7 @@ class PrunedPrefillMixin:
         requests = self._requests(ids.shape[0])
         if requests is None:
             return []
-        plans = []
+        prompts = []
         for start, end, computed in requests:
             if not bool(tagged[start:end].any()):
                 continue
@@ -321,15 +321,18 @@ class PrunedPrefillMixin:
                 raise ValueError(f"ivcp: a prompt's images must be prefilled in one step with the whole prompt, but "
                                  f"this step starts after {computed} computed tokens (chunked prefill or a prefix-cache "
                                  "hit); serve with enable_chunked_prefill=False and enable_prefix_caching=False")
-            plans.append(self._prefill(start, end, ids[start:end], positions[:, start:end], inputs_embeds[start:end],
-                                       tagged[start:end]))
-        return plans
+            prompts.append(self._full_prompt(start, end, ids[start:end], positions[:, start:end],
+                                             inputs_embeds[start:end], tagged[start:end]))
+        if not prompts:
+            return []
+        sides = self._side_layers(prompts)
+        return [self._plan(prompt, *side) for prompt, side in zip(prompts, sides)]
 
-    @torch.no_grad()
-    def _prefill(self, start: int, end: int, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor,
-                 tagged: torch.Tensor) -> dict:
-        """The side path of one request: its full prompt through layers < K, the selection, and what the
-        batch's layers need (kept rows' positions, keys, values, hidden states and later additions)."""
+    def _full_prompt(self, start: int, end: int, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor,
+                     tagged: torch.Tensor) -> dict:
+        """One pruned request's full prompt, rebuilt from its placeholders: token ids, input embeddings (the
+        stored full image embeddings in place of the tagged rows), original M-RoPE ids, grids, and where each
+        image's tokens run (full start, full end, kept count)."""
         image_token = self.config.image_token_id
         width = self._visual_width()
         full_ids, full_emb, full_extra, full_pos, grids, runs = [], [], [], [], [], []
@@ -365,11 +368,17 @@ class PrunedPrefillMixin:
             grids.append([1, 2 * gh, 2 * gw])
             runs.append((start_full, start_full + gh * gw, length))
             i = j
-        additions = self._full_additions(full_emb, full_extra)
-        full_ids, full_emb, full_pos = torch.cat(full_ids), torch.cat(full_emb), torch.cat(full_pos, dim=1)
-        layer = method.selection_layers()[0]
-        hidden, keys, values = self._side_layers(full_emb, full_pos, layer, additions)
-        kept = self._select(method, layer, full_ids, full_pos, grids, hidden)
+        return {"start": start, "end": end, "method": method, "layer": method.selection_layers()[0],
+                "ids": torch.cat(full_ids), "embeds": torch.cat(full_emb), "positions": torch.cat(full_pos, dim=1),
+                "grids": grids, "runs": runs, "additions": self._full_additions(full_emb, full_extra)}
+
+    @torch.no_grad()
+    def _plan(self, prompt: dict, hidden: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict:
+        """The selection on one request's side path, and what the batch's layers need from it (the kept rows'
+        positions, keys, values, hidden states and later additions)."""
+        method, layer, full_ids, full_pos = prompt["method"], prompt["layer"], prompt["ids"], prompt["positions"]
+        n, runs, additions = prompt["end"] - prompt["start"], prompt["runs"], prompt["additions"]
+        kept = self._select(method, layer, full_ids, full_pos, prompt["grids"], hidden)
         if kept.numel() != n:
             raise ValueError(f"ivcp: the selection kept {kept.numel()} tokens where the scheduler reserved {n}")
         for a, b, length in runs:
@@ -380,8 +389,8 @@ class PrunedPrefillMixin:
             with open(self._record_path, "a") as f:
                 f.write(json.dumps({"prompt_ids": full_ids.tolist(), "kept": kept.tolist(), "kv_length": n,
                                     "method": repr(method), "n_visual": sum(b - a for a, b, _ in runs)}) + "\n")
-        return {"rows": torch.arange(start, end, device=ids.device), "layer": layer, "positions": full_pos[:, kept],
-                "hidden": [h[kept] for h in hidden], "keys": [k[kept] for k in keys],
+        return {"rows": torch.arange(prompt["start"], prompt["end"], device=full_ids.device), "layer": layer,
+                "positions": full_pos[:, kept], "hidden": [h[kept] for h in hidden], "keys": [k[kept] for k in keys],
                 "values": [v[kept] for v in values],
                 "additions": None if additions is None else [a[kept] for a in additions]}
 
@@ -393,27 +402,40 @@ class PrunedPrefillMixin:
         model = self.language_model.model
         return model, list(model.layers[model.start_layer: model.end_layer])
 
-    def _side_layers(self, hidden: torch.Tensor, positions: torch.Tensor, selection_layer: int, additions):
-        """Layers 0 … K−1 over a whole prompt (causal attention, no cache): the input hidden states of
-        layers 0 … K and the rotated keys and values of layers 0 … K−1."""
+    @torch.no_grad()
+    def _side_layers(self, prompts: list[dict]) -> list[tuple[list, list, list]]:
+        """Layers 0 … K−1 over the full prompts of a step's pruned requests, together (one projection and MLP
+        call per layer for all of them; causal attention within each prompt, no cache). Per prompt: the
+        input hidden states of layers 0 … K and the rotated keys and values of layers 0 … K−1 (its own K)."""
         _, layers = self._decoder()
+        depth = max(prompt["layer"] for prompt in prompts)
+        ends = torch.tensor([prompt["ids"].shape[0] for prompt in prompts]).cumsum(0).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        hidden = torch.cat([prompt["embeds"] for prompt in prompts])
+        positions = torch.cat([prompt["positions"] for prompt in prompts], dim=1)
+        additions = None
+        if prompts[0]["additions"] is not None:
+            additions = [torch.cat(level) for level in zip(*(prompt["additions"] for prompt in prompts))]
         inputs, keys, values = [hidden], [], []
-        for index, layer in enumerate(layers[:selection_layer]):
+        for index, layer in enumerate(layers[:depth]):
             attn = layer.self_attn
             q, k, v = qkv(attn, layer.input_layernorm(hidden), positions)
             keys.append(k), values.append(v)
-            s = hidden.shape[0]
-            out = F.scaled_dot_product_attention(
-                q.view(s, attn.num_heads, -1).transpose(0, 1), k.view(s, attn.num_kv_heads, -1).transpose(0, 1),
-                v.view(s, attn.num_kv_heads, -1).transpose(0, 1), is_causal=True, scale=attn.scaling,
-                enable_gqa=attn.num_heads != attn.num_kv_heads)
-            out, _ = attn.o_proj(out.transpose(0, 1).reshape(s, -1))
+            out = torch.empty_like(q)
+            for a, b in spans:
+                s = b - a
+                out[a:b] = F.scaled_dot_product_attention(
+                    q[a:b].view(s, attn.num_heads, -1).transpose(0, 1), k[a:b].view(s, attn.num_kv_heads, -1).transpose(0, 1),
+                    v[a:b].view(s, attn.num_kv_heads, -1).transpose(0, 1), is_causal=True, scale=attn.scaling,
+                    enable_gqa=attn.num_heads != attn.num_kv_heads).transpose(0, 1).reshape(s, -1)
+            out, _ = attn.o_proj(out)
             hidden = hidden + out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if additions is not None and index < len(additions):
                 hidden = hidden + additions[index].to(hidden.dtype)
             inputs.append(hidden)
-        return inputs, keys, values
+        return [([h[a:b] for h in inputs[: prompt["layer"] + 1]], [k[a:b] for k in keys[: prompt["layer"]]],
+                 [v[a:b] for v in values[: prompt["layer"]]]) for prompt, (a, b) in zip(prompts, spans)]
 
     def _select(self, method, layer: int, ids: torch.Tensor, positions: torch.Tensor, grids, hidden) -> torch.Tensor:
         adapter = self._adapter
