@@ -34,7 +34,7 @@ case "${1:-}" in
   "") ;;
   --core) TIER=core; VLLM=0 ;;
   --no-vllm) VLLM=0 ;;
-  --vllm) ;;  # the default since 0.2.1 (kept for older instructions)
+  --vllm) ;;  # the default since 0.3.0 (kept for older instructions)
   *) echo "scripts/setup.sh: error: unknown option ${1} (use --core, --no-vllm or nothing)" >&2; exit 2 ;;
 esac
 if [ ! -x .venv/bin/python ]; then
