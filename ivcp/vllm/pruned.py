@@ -286,7 +286,8 @@ class PrunedPrefillMixin:
 
     # --- step 3: the pruned prefill ----------------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if inputs_embeds is None or self._batch_ids is None:
+        if inputs_embeds is None or self._batch_ids is None or _capturing(inputs_embeds):
+            # a CUDA graph being captured holds no pruned prefill (and may not sync with the host)
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         plans = self._plans(positions, inputs_embeds)
         if not plans:
@@ -514,6 +515,11 @@ class PrunedPrefillMixin:
         for plan in side:  # and their hidden states of the full prompt go on to the next layer
             new_residual[plan["rows"]] = plan["hidden"][index + 1].to(new_residual.dtype)
         return new_hidden, new_residual
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``tensor``'s device (vLLM captures decode steps)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def qkv(attn, x: torch.Tensor, positions: torch.Tensor | None):
