@@ -37,7 +37,7 @@ def test_names_and_settings_are_registered():
         assert "deepseek-vl2-small" + suffix in supported_VLM
 
 
-def test_prompts_are_vlmevalkits_deepseek_vl2_wrapper(table2):
+def test_prompts_are_vlmevalkits_deepseek_vl2_wrapper(table2):  # noqa: F811 (the fixture imported above)
     model = _wrapper("DeepSeek-VL2-Tiny-Random_IVCP", generation=GENERATION)
     for name in TABLE2:
         message, received = _received(model, table2[name], table2[name].data.iloc[0], name)
@@ -49,7 +49,7 @@ def test_prompts_are_vlmevalkits_deepseek_vl2_wrapper(table2):
     assert entry["n_visual"] == 3 * 3 + 2 * 3 * (3 * 3) and entry["n_visual_kept"] < entry["n_visual"]
 
 
-def test_grounding_prompt_and_answer_format(lmudata):
+def test_grounding_prompt_and_answer_format(lmudata):  # noqa: F811 (the fixture imported above)
     from vlmeval.dataset import build_dataset
 
     plugin.register()

@@ -19,7 +19,6 @@ tokens outside it count as text.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import GlobalAttentionTower, ModelAdapter, Segment, mean_received, register_adapter
 
