@@ -176,7 +176,6 @@ class PrunedProcessorMixin:
             top, end = base + max(content.grid) - 1, place.start_idx + place.length
         updates = dict(mm_res.prompt_updates)
         updates["image"] = [[u.with_content([config.image_token_id] * counts[index]) for u in item_updates]
-                            if index in counts else item_updates
                             for index, item_updates in enumerate(images)]
         return super()._maybe_apply_prompt_updates(mm_items, mm_res._replace(prompt_updates=updates))
 
